@@ -1,0 +1,61 @@
+/* edge_ms hidden-state tap: a llama.cpp cb_eval callback in plain C.
+ *
+ * llama.cpp calls cb_eval twice for every node of every graph it computes: once
+ * with ask=true ("do you want this tensor?") and, for the nodes we said yes to,
+ * once more with ask=false once the tensor holds data. Answering in C keeps the
+ * ~1000 ask-calls per decode out of Python.
+ *
+ * Ownership: the caller owns both the edge_ms_tap struct and its `data` buffer
+ * and keeps them alive for as long as the llama_context that was created with
+ * cb_eval = edge_ms_tap_cb and cb_eval_user_data = &tap.
+ *
+ * Link with ggml (ggml-base): the tap calls ggml_get_name, ggml_nelements,
+ * ggml_nrows, ggml_nbytes and ggml_backend_tensor_get, so it works whatever
+ * backend (CPU, CUDA, Metal) holds the tensor.
+ */
+#ifndef EDGE_MS_TAP_H
+#define EDGE_MS_TAP_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct ggml_tensor;
+
+#define EDGE_MS_TAP_NAME_MAX 64
+
+enum edge_ms_tap_status {
+    EDGE_MS_TAP_OK = 0,
+    EDGE_MS_TAP_OVERFLOW = 1,   /* more rows than capacity_rows: extra rows dropped */
+    EDGE_MS_TAP_BAD_SHAPE = 2,  /* tensor row width != n_embd */
+    EDGE_MS_TAP_NOT_F32 = 3,    /* tensor is not contiguous float32 */
+};
+
+typedef struct edge_ms_tap {
+    char name[EDGE_MS_TAP_NAME_MAX]; /* graph tensor to copy, e.g. "l_out-26" */
+    int32_t enabled;                 /* 0: answer no to every ask (tap off) */
+    int32_t n_embd;                  /* floats per row */
+    int32_t capacity_rows;           /* rows that fit in data */
+    int32_t n_rows;                  /* rows written since the last reset */
+    int32_t n_calls;                 /* data calls (micro-batches) since the last reset */
+    int32_t status;                  /* enum edge_ms_tap_status, sticky until reset */
+    float *data;                     /* caller-owned, capacity_rows * n_embd floats */
+} edge_ms_tap;
+
+/* Fill tap for layer `layer` (tensor "l_out-<layer>"). Returns 0, or -1 on bad arguments. */
+int edge_ms_tap_init(edge_ms_tap *tap, int32_t layer, int32_t n_embd, float *data, int32_t capacity_rows);
+
+/* Forget the rows of the previous llama_decode; call before each llama_decode. */
+void edge_ms_tap_reset(edge_ms_tap *tap);
+
+/* The cb_eval callback: pass as llama_context_params.cb_eval with cb_eval_user_data = tap. */
+bool edge_ms_tap_cb(struct ggml_tensor *t, bool ask, void *user_data);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
