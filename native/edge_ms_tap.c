@@ -68,3 +68,7 @@ bool edge_ms_tap_cb(struct ggml_tensor *t, bool ask, void *user_data) {
     tap->n_calls += 1;
     return true;
 }
+
+bool edge_ms_abort_cb(void *flag) {
+    return __atomic_load_n((int32_t *) flag, __ATOMIC_RELAXED) != 0;
+}

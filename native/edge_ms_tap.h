@@ -54,6 +54,10 @@ void edge_ms_tap_reset(edge_ms_tap *tap);
 /* The cb_eval callback: pass as llama_context_params.cb_eval with cb_eval_user_data = tap. */
 bool edge_ms_tap_cb(struct ggml_tensor *t, bool ask, void *user_data);
 
+/* An abort callback for llama_set_abort_callback: aborts llama_decode once *flag != 0.
+ * ggml checks it between graph nodes, so it too must not call into Python. */
+bool edge_ms_abort_cb(void *flag);
+
 #ifdef __cplusplus
 }
 #endif

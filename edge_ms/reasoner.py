@@ -1,0 +1,228 @@
+"""The Python API: ``Reasoner.load(model).solve(prompt, mode="medium")``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edge_ms.engine import Engine, Event, PruneRule, SamplingParams, Stats
+from edge_ms.errors import EdgeMSError, fail
+from edge_ms.head import Head, load_head
+from edge_ms.model import DeviceSettings, Model
+from edge_ms.select import STRATEGIES, select
+
+MODES = {"low": 2, "medium": 8, "high": 32}
+
+
+@dataclass
+class Candidate:
+    """One finished trajectory."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    step_positions: list[int]
+    step_scores: list[float]
+    score: float
+    finish_reason: str
+    reasoning: str = ""
+    answer: str = ""
+    answer_key: str | None = None  # normalised final answer, for voting
+
+    def to_json(self) -> dict:
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "step_positions": self.step_positions,
+            "step_scores": self.step_scores,
+            "score": self.score,
+            "finish_reason": self.finish_reason,
+        }
+
+
+@dataclass
+class Result:
+    mode: str
+    n: int
+    selected: int
+    answer: str
+    prompt_token_ids: list[int]
+    candidates: list[Candidate]
+    strategy: str = "best"
+    seed: int = 0
+    stats: Stats = field(default_factory=Stats)
+
+    @property
+    def best(self) -> Candidate:
+        return self.candidates[self.selected]
+
+    def to_json(self) -> dict:
+        return {
+            "mode": self.mode,
+            "n": self.n,
+            "selected": self.selected,
+            "answer": self.answer,
+            "strategy": self.strategy,
+            "seed": self.seed,
+            "prompt_token_ids": self.prompt_token_ids,
+            "candidates": [c.to_json() for c in self.candidates],
+            "stats": asdict(self.stats),
+        }
+
+
+def resolve_n(mode: str, n: int | None) -> int:
+    if n is not None:
+        if n < 1:
+            raise EdgeMSError(f"--n {n}: need at least one trajectory")
+        return n
+    if mode not in MODES:
+        raise EdgeMSError(f"--mode {mode}: unknown mode (choose from {', '.join(MODES)})")
+    return MODES[mode]
+
+
+def check_head(model: Model, head: Head) -> None:
+    """Refuse a head that was not trained on this backbone."""
+    spec = head.spec
+    if spec.hidden_size != model.n_embd:
+        raise fail(head.path, f"head width {spec.hidden_size} does not match the backbone's hidden size {model.n_embd} ({model.path.name})")
+    if not 0 <= spec.layer < model.n_layer:
+        raise fail(head.path, f"head taps layer {spec.layer} but {model.path.name} has {model.n_layer} layers")
+    if spec.backbone_fingerprint != model.fingerprint:
+        raise fail(
+            head.path,
+            f"head belongs to backbone {spec.backbone_fingerprint}, not to {model.path.name} ({model.fingerprint})",
+        )
+
+
+def _split_answer(text: str, think_end: str | None) -> tuple[str, str]:
+    if think_end and think_end in text:
+        reasoning, _, answer = text.partition(think_end)
+        return reasoning.strip(), answer.strip()
+    return "", text.strip()
+
+
+def _locate(model: str | Path | None, quant: str | None, head: str | Path | None) -> tuple[Path, Path | None]:
+    if model is not None and Path(model).is_file():
+        return Path(model), Path(head) if head else None
+    if model is None:
+        from edge_ms.default_model import default_model_files
+
+        gguf, default_head = default_model_files()
+        return gguf, Path(head) if head else default_head
+    from edge_ms.store import resolve_model
+
+    files = resolve_model(model, quant)
+    return files.gguf, Path(head) if head else files.head
+
+
+class Reasoner:
+    """A backbone + SPRM head loaded once; ``solve`` runs N trajectories and picks one."""
+
+    def __init__(self, model: Model, head: Head, engine: Engine) -> None:
+        self.model = model
+        self.head = head
+        self.engine = engine
+        self._think_end_text = model.token_text(head.spec.think_end_id) if head.spec.think_end_id is not None else None
+
+    @classmethod
+    def load(
+        cls,
+        model: str | Path | None = None,
+        *,
+        quant: str | None = None,
+        head: str | Path | None = None,
+        settings: DeviceSettings | None = None,
+        memory_bytes: int | None = None,
+        n_batch: int = 512,
+        n_ubatch: int | None = None,
+    ) -> Reasoner:
+        """Load a model directory, a store name, a GGUF file (+ ``head``), or the embedded default (None)."""
+        gguf, head_path = _locate(model, quant, head)
+        if head_path is None:
+            raise fail(gguf, "no SPRM head given (pass head=... / --head FILE.sprm.onnx)")
+        h = load_head(head_path)
+        m = Model(gguf, settings)
+        check_head(m, h)
+        budget = None
+        if memory_bytes is not None:
+            budget = memory_bytes - m.size_bytes
+            if budget <= 0:
+                raise fail(gguf, f"the weights alone ({m.size_bytes / 2**30:.2f} GiB) exceed --memory {memory_bytes / 2**30:.2f} GiB")
+        return cls(m, h, Engine(m, h, n_batch=n_batch, n_ubatch=n_ubatch, kv_budget_bytes=budget))
+
+    def close(self) -> None:
+        self.engine.close()
+        self.model.close()
+
+    def prompt_ids(self, prompt: str | list[dict[str, str]], raw: bool = False) -> list[int]:
+        """Token ids of the prompt, through the model's chat template unless ``raw``."""
+        if raw:
+            if not isinstance(prompt, str):
+                raise EdgeMSError("a raw prompt must be a string")
+            return self.model.tokenize(prompt, add_special=True)
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        if not messages:
+            raise EdgeMSError("empty message list")
+        return self.model.tokenize(self.model.apply_chat_template(messages), add_special=False)
+
+    def stream(
+        self,
+        prompt: str | list[dict[str, str]],
+        mode: str = "medium",
+        n: int | None = None,
+        *,
+        seed: int | None = None,
+        temperature: float = 0.6,
+        top_p: float = 0.95,
+        repetition_penalty: float = 1.05,
+        max_new_tokens: int = 2048,
+        stop: tuple[str, ...] | list[str] = (),
+        raw: bool = False,
+        strategy: str = "best",
+        prune: PruneRule | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Iterator[Event]:
+        """Like :meth:`solve`, yielding progress events; the last one (kind ``done``) has ``.result``."""
+        n_seq = resolve_n(mode, n)
+        if strategy not in STRATEGIES:
+            raise EdgeMSError(f"--strategy {strategy}: unknown (choose from {', '.join(STRATEGIES)})")
+        if seed is None:
+            seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+        params = SamplingParams(temperature, top_p, repetition_penalty, 64, seed, max_new_tokens, tuple(stop))
+        ids = self.prompt_ids(prompt, raw)
+        stats = Stats()
+        for event in self.engine.generate(ids, n_seq, params, prune=prune, should_stop=should_stop, stats=stats):
+            if event.kind != "done":
+                yield event
+                continue
+            cands = [self._candidate(t) for t in event.trajectories]
+            if not cands:  # cancelled during the prompt
+                event.result = Result(mode, n_seq, -1, "", ids, [], strategy, seed, stats)
+                yield event
+                return
+            chosen = select(cands, strategy)
+            event.result = Result(mode, n_seq, chosen, cands[chosen].answer, ids, cands, strategy, seed, stats)
+            yield event
+
+    def solve(self, prompt: str | list[dict[str, str]], mode: str = "medium", n: int | None = None,
+              on_event: Callable[[Event], None] | None = None, **kwargs) -> Result:
+        """Sample N trajectories (mode low/medium/high = 2/8/32), score their steps, return the selection."""
+        for event in self.stream(prompt, mode, n, **kwargs):
+            if event.kind == "done":
+                return event.result
+            if on_event is not None:
+                on_event(event)
+        raise RuntimeError("generation ended without a result")
+
+    def _candidate(self, traj) -> Candidate:
+        from edge_ms.tasks import extract_answer
+
+        positions, scores = traj.steps()
+        text = traj.decoded()
+        reasoning, answer = _split_answer(text, self._think_end_text)
+        return Candidate(
+            traj.index, text, list(traj.tokens), positions, scores, traj.score(), traj.finish_reason,
+            reasoning, answer, extract_answer(answer or text),
+        )

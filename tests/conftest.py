@@ -1,0 +1,35 @@
+"""Shared fixtures: the committed checkpoints converted once per test session."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory):
+    """``converted(name, quant)`` -> directory holding ``<name>-<quant>.gguf`` + ``<name>.sprm.onnx``."""
+    from edge_ms.convert import convert
+
+    cache: dict[tuple[str, str], Path] = {}
+
+    def get(name: str = "tiny-qwen2", quant: str = "f32") -> Path:
+        if (name, quant) not in cache:
+            out = tmp_path_factory.mktemp("converted") / f"{name}-{quant}"
+            convert(FIXTURES / name, out, quant=quant)
+            cache[(name, quant)] = out
+        return cache[(name, quant)]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def reference_json():
+    def get(name: str = "tiny-qwen2") -> dict:
+        return json.loads((FIXTURES / "reference" / f"{name}.json").read_text())
+
+    return get
