@@ -34,3 +34,171 @@ def main() -> None:
 
 
 # Commands are registered below, one small function each.
+
+
+def _parse_size(text: str | None) -> int | None:
+    """'4GiB', '512MiB', '8G', '2000000000' -> bytes."""
+    if text is None:
+        return None
+    units = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,
+             "g": 2**30, "gib": 2**30, "gb": 10**9, "t": 2**40, "tib": 2**40, "tb": 10**12}
+    s = text.strip().lower().replace(" ", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1.0
+    if value <= 0 or unit not in units:
+        raise EdgeMSError(f"--memory {text}: not a size (use e.g. 4GiB, 512MiB)")
+    return int(value * units[unit])
+
+
+def device_options(fn):
+    """Options every command that loads a model shares."""
+    opts = [
+        click.option("--model", "-m", default=None, help="Model directory, store name, or GGUF file (default: embedded model)."),
+        click.option("--quant", default=None, help="Which GGUF of the model to use (f32, f16, q8_0, q4_k_m)."),
+        click.option("--head", default=None, help="SPRM head file (.sprm.onnx), when --model is a bare GGUF."),
+        click.option("--threads", type=int, default=None, help="CPU threads (default: all cores)."),
+        click.option("--n-gpu-layers", type=int, default=0, show_default=True, help="Layers to offload to the GPU."),
+        click.option("--kv-type", default="f16", show_default=True, help="KV-cache type: f16 or q8_0."),
+        click.option("--extra-bufts/--no-extra-bufts", default=None,
+                     help="llama.cpp extra buffer types (weight repacking, AMX). Default: on unless the build has AMX."),
+        click.option("--memory", default=None, help="Memory budget, e.g. 4GiB: plans N and the context to fit."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _load_reasoner(model, quant, head, threads, n_gpu_layers, kv_type, extra_bufts, memory):
+    from edge_ms.model import DeviceSettings
+    from edge_ms.reasoner import Reasoner
+
+    settings = DeviceSettings(threads, n_gpu_layers, kv_type, extra_bufts)
+    return Reasoner.load(model, quant=quant, head=head, settings=settings, memory_bytes=_parse_size(memory))
+
+
+@main.command()
+@click.argument("prompt")
+@device_options
+@click.option("--mode", default="medium", show_default=True, help="low / medium / high = 2 / 8 / 32 trajectories.")
+@click.option("--n", "n", type=int, default=None, help="Number of trajectories (overrides --mode).")
+@click.option("--seed", type=int, default=None, help="Random seed (trajectory i uses seed + i).")
+@click.option("--max-new-tokens", type=int, default=1024, show_default=True)
+@click.option("--temperature", type=float, default=0.6, show_default=True)
+@click.option("--top-p", type=float, default=0.95, show_default=True)
+@click.option("--repetition-penalty", type=float, default=1.05, show_default=True)
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--strategy", default="best", show_default=True, help="best (SPRM best-of-N), majority, weighted.")
+@click.option("--raw", is_flag=True, help="Do not apply the model's chat template.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_one_line_errors
+def solve(prompt, model, quant, head, threads, n_gpu_layers, kv_type, extra_bufts, memory, mode, n, seed,
+          max_new_tokens, temperature, top_p, repetition_penalty, stop, strategy, raw, as_json) -> None:
+    """Sample N reasoning trajectories for PROMPT, score every step, print the best answer."""
+    import json
+
+    from edge_ms.reasoner import resolve_n
+
+    n_seq = resolve_n(mode, n)
+    reasoner = _load_reasoner(model, quant, head, threads, n_gpu_layers, kv_type, extra_bufts, memory)
+    kwargs = dict(seed=seed, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                  repetition_penalty=repetition_penalty, stop=stop, raw=raw, strategy=strategy)
+    if as_json or not sys.stderr.isatty():
+        result = reasoner.solve(prompt, mode, n, **kwargs)
+    else:
+        from edge_ms.display import TrajectoryView
+
+        with TrajectoryView(n_seq, title=f"{n_seq} trajectories ({mode if n is None else 'n=' + str(n)})") as view:
+            result = reasoner.solve(prompt, mode, n, on_event=view.update, **kwargs)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), ensure_ascii=False))
+        return
+    best = result.best
+    click.echo(
+        f"selected trajectory {result.selected} of {result.n}: score {best.score:.3f}, "
+        f"{len(best.step_scores)} steps, {len(best.token_ids)} tokens ({best.finish_reason})",
+        err=True,
+    )
+    click.echo(result.answer)
+
+
+def _human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+@main.command("pull")
+@click.argument("repo_id")
+# The same list as edge_ms.store.QUANTS, spelled out so `--help` does not import onnxruntime.
+@click.option("--quant", type=click.Choice(["f32", "f16", "q8_0", "q4_k_m"]), default="q4_k_m", show_default=True,
+              help="GGUF type to convert to; pull again with another one to add it.")
+@click.option("--revision", default=None, help="Branch, tag or commit on the Hub (default: main).")
+@click.option("--name", default=None, help="Store name (default: the repo name, lower-cased).")
+@click.option("--force", is_flag=True, help="Convert again and replace what the store holds under this name.")
+@_one_line_errors
+def pull_cmd(repo_id, quant, revision, name, force) -> None:
+    """Download REPO_ID from the Hugging Face Hub, convert it, and add it to the local model store."""
+    from edge_ms.store import pull
+
+    files = pull(repo_id, quant=quant, revision=revision, name=name, force=force)
+    click.echo(f"pulled {files.name} ({quant}): {files.gguf}")
+    click.echo(f"use it with --model {files.name}")
+
+
+@main.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array on stdout.")
+@_one_line_errors
+def list_cmd(as_json) -> None:
+    """Show the models in the local store (EDGE_MS_HOME, default ~/.cache/edge_ms)."""
+    import json
+
+    from edge_ms.store import list_models, models_dir
+
+    models = list_models()
+    if as_json:
+        rows = [dict(name=m.name, path=str(m.path), quants=list(m.quants), size_bytes=m.size_bytes,
+                     fingerprint=m.fingerprint, note=m.note) for m in models]
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not models:
+        click.echo(f"no models in {models_dir()}; add one with `edge-ms pull REPO_ID`")
+        return
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table("name", "quants", "size", "fingerprint", "path")
+    for column in table.columns[:4]:
+        column.no_wrap = True  # only the path may fold, so names and fingerprints stay copyable
+    table.columns[4].overflow = "fold"
+    for m in models:
+        fp = Text(m.fingerprint or "-") if m.note is None else Text(f"broken: {m.note}", style="red")
+        table.add_row(Text(m.name), ", ".join(m.quants) or "-", _human_size(m.size_bytes), fp, Text(str(m.path)))
+    Console().print(table)
+
+
+@main.command("convert")
+@click.argument("hf_dir")
+@click.option("-o", "--out", "out_dir", required=True, help="Output directory (new unless --force).")
+# A plain string, validated by edge_ms.convert, so a bad value is one error line, not a usage block.
+@click.option("--quant", default="f16", show_default=True, help="GGUF type: f32, f16, q8_0 or q4_k_m.")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR once the new conversion is complete.")
+@_one_line_errors
+def convert_cmd(hf_dir, out_dir, quant, force) -> None:
+    """Convert a Hugging Face MetaStone-S1 checkpoint into a GGUF backbone and an ONNX SPRM head."""
+    from edge_ms.convert import convert
+
+    result = convert(hf_dir, out_dir, quant=quant, force=force)
+    click.echo(f"backbone: {result.gguf_path}")
+    click.echo(f"head:     {result.head_path}")
+    click.echo(f"fingerprint {result.fingerprint}")
+
+
+if __name__ == "__main__":
+    main()

@@ -96,6 +96,18 @@ def check_head(model: Model, head: Head) -> None:
         )
 
 
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (Linux: MemAvailable; else total physical)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def _split_answer(text: str, think_end: str | None) -> tuple[str, str]:
     if think_end and think_end in text:
         reasoning, _, answer = text.partition(think_end)
@@ -145,8 +157,9 @@ class Reasoner:
         h = load_head(head_path)
         m = Model(gguf, settings)
         check_head(m, h)
-        budget = None
-        if memory_bytes is not None:
+        if memory_bytes is None:
+            budget = int(available_memory() * 0.8) - m.size_bytes
+        else:
             budget = memory_bytes - m.size_bytes
             if budget <= 0:
                 raise fail(gguf, f"the weights alone ({m.size_bytes / 2**30:.2f} GiB) exceed --memory {memory_bytes / 2**30:.2f} GiB")

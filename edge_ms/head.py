@@ -1,0 +1,329 @@
+"""The SPRM head as a small ONNX file that carries its own spec.
+
+The head is ``Sequential(Linear(c, 2c), ReLU, Dropout(0.5), Linear(2c, 1))`` with a sigmoid at
+inference. On disk it is an ONNX graph ``hidden_states [n, c] -> Gemm -> Relu -> Gemm -> Sigmoid
+-> step_score [n]`` whose initializers keep the torch state-dict names (``0.weight``, ``0.bias``,
+``3.weight``, ``3.bias``), so training can read them back unchanged. Everything the runtime must
+know to use the head (which layer to tap, which tokens delimit steps, which backbone it belongs to)
+travels in ``metadata_props`` under the ``edge_ms.`` prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from edge_ms.errors import fail
+
+__all__ = ["FORMAT_VERSION", "Head", "HeadSpec", "load_head", "write_head"]
+
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+
+INPUT_NAME = "hidden_states"
+OUTPUT_NAME = "step_score"
+WEIGHT_KEYS = ("0.weight", "0.bias", "3.weight", "3.bias")
+
+# Opset 17 / IR 8: every op used here has been stable since opset 13, and IR 8 loads in
+# onnxruntime releases back to 1.10, so heads written today stay readable on older runtimes.
+OPSET = 17
+IR_VERSION = 8
+
+_META = "edge_ms."
+_REQUIRED_META = (
+    "format_version",
+    "layer",
+    "hidden_size",
+    "step_delimiter_ids",
+    "think_start_id",
+    "think_end_id",
+    "backbone_fingerprint",
+)
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """What the runtime needs to know to use a head, stored inside the head file."""
+
+    layer: int  # tapped decoder layer, 0-based: llama.cpp tensor "l_out-<layer>" (n_layer - 2 for MetaStone)
+    hidden_size: int  # c
+    step_delimiter_ids: tuple[int, ...]
+    think_start_id: int | None
+    think_end_id: int | None
+    backbone_fingerprint: str
+    format_version: int = FORMAT_VERSION
+
+
+@dataclass
+class Head:
+    """A loaded head: ``score`` runs it, ``weights`` reads its parameters back."""
+
+    spec: HeadSpec
+    path: Path
+    _session: ort.InferenceSession = field(repr=False, compare=False)
+
+    def score(self, hidden: np.ndarray) -> np.ndarray:
+        """Step scores in (0, 1) for ``hidden`` [n, c] (any float dtype); returns float32 [n]."""
+        if hidden.ndim != 2 or hidden.shape[1] != self.spec.hidden_size:
+            raise ValueError(
+                f"head {self.path} expects hidden states of shape [n, {self.spec.hidden_size}], "
+                f"got {list(hidden.shape)}"
+            )
+        if hidden.shape[0] == 0:
+            return np.empty(0, dtype=np.float32)
+        x = np.ascontiguousarray(hidden, dtype=np.float32)
+        return self._session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """The four parameters under their torch state-dict names, float32 (read from the file)."""
+        model = _load_proto(self.path)
+        return _initializers(model, self.path)
+
+
+def write_head(
+    path: str | Path,
+    weights: Mapping[str, np.ndarray],
+    spec: HeadSpec,
+    provenance: Mapping[str, str] | None = None,
+) -> None:
+    """Write ``weights`` (torch state-dict names) and ``spec`` to ``path`` as one ONNX file.
+
+    ``provenance`` adds free-form ``edge_ms.<key>`` metadata (e.g. ``source``). The file appears
+    whole or not at all: it is written to a temp file beside ``path`` and renamed over it.
+    """
+    path = Path(path)
+    _check_spec(path, spec)
+    arrays = _check_weights(path, weights, spec.hidden_size)
+    model = _build_model(arrays, spec, provenance or {})
+    data = model.SerializeToString()
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _create_temp(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # Covers a failed write and KeyboardInterrupt alike: never leave the temp file behind.
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_head(path: str | Path) -> Head:
+    """Load and validate a head file; every problem is one ``EdgeMSError`` line naming the file."""
+    path = Path(path)
+    model = _load_proto(path)
+    spec = _read_spec(model, path)
+    _check_io(model, path, spec.hidden_size)
+    _initializers(model, path, spec.hidden_size)
+
+    opts = ort.SessionOptions()
+    # The head is a few million multiply-adds per row: thread hand-offs cost more than they save.
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3  # errors only: warnings would go to stderr from library code
+    try:
+        session = ort.InferenceSession(
+            model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"]
+        )
+    except Exception as err:  # onnxruntime raises its own exception types for bad graphs
+        raise fail(path, f"onnxruntime cannot load the head: {_first_line(err)}") from None
+    return Head(spec=spec, path=path, _session=session)
+
+
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """A new file beside ``path``; os.open with mode 0o666 so it gets the umask (mkstemp forces 0600)."""
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def _check_spec(path: Path, spec: HeadSpec) -> None:
+    if spec.format_version not in SUPPORTED_FORMAT_VERSIONS:
+        raise fail(path, f"cannot write format_version {spec.format_version} (supported: 1)")
+    if not (_is_int(spec.hidden_size) and spec.hidden_size > 0):
+        raise fail(path, f"hidden_size must be a positive integer, got {spec.hidden_size!r}")
+    if not (_is_int(spec.layer) and spec.layer >= 0):
+        raise fail(path, f"layer must be a non-negative integer, got {spec.layer!r}")
+    ids = spec.step_delimiter_ids
+    if not ids or not all(_is_int(i) and i >= 0 for i in ids):
+        raise fail(path, f"step_delimiter_ids must be a non-empty list of token ids, got {ids!r}")
+    for key in ("think_start_id", "think_end_id"):
+        value = getattr(spec, key)
+        if value is not None and not (_is_int(value) and value >= 0):
+            raise fail(path, f"{key} must be a token id or None, got {value!r}")
+    if not isinstance(spec.backbone_fingerprint, str):
+        raise fail(path, f"backbone_fingerprint must be a string, got {spec.backbone_fingerprint!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _expected_shapes(c: int) -> dict[str, tuple[int, ...]]:
+    return {"0.weight": (2 * c, c), "0.bias": (2 * c,), "3.weight": (1, 2 * c), "3.bias": (1,)}
+
+
+def _check_weights(path: Path, weights: Mapping[str, np.ndarray], c: int) -> dict[str, np.ndarray]:
+    missing = [k for k in WEIGHT_KEYS if k not in weights]
+    extra = sorted(set(weights) - set(WEIGHT_KEYS))
+    if missing or extra:
+        raise fail(
+            path, f"head weights need exactly {list(WEIGHT_KEYS)}; missing {missing}, unexpected {extra}"
+        )
+    out = {}
+    for key, shape in _expected_shapes(c).items():
+        arr = np.asarray(weights[key])
+        if arr.shape != shape:
+            raise fail(
+                path, f"weight {key} has shape {list(arr.shape)}, expected {list(shape)} for hidden_size {c}"
+            )
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise fail(path, f"weight {key} has dtype {arr.dtype}, expected a float type")
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            raise fail(path, f"weight {key} holds NaN or infinite values")
+        out[key] = arr
+    return out
+
+
+def _build_model(
+    arrays: dict[str, np.ndarray], spec: HeadSpec, provenance: Mapping[str, str]
+) -> onnx.ModelProto:
+    c = spec.hidden_size
+    inits = [numpy_helper.from_array(arrays[k], name=k) for k in WEIGHT_KEYS]
+    inits.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), name="flat_shape"))
+    nodes = [
+        # transB=1 keeps torch's [out, in] layout on disk: the state dict round-trips unchanged.
+        helper.make_node("Gemm", [INPUT_NAME, "0.weight", "0.bias"], ["h1"], transB=1, name="linear_0"),
+        helper.make_node("Relu", ["h1"], ["h1_relu"], name="relu_1"),
+        # Dropout(0.5) is the identity at inference: left out of the graph.
+        helper.make_node("Gemm", ["h1_relu", "3.weight", "3.bias"], ["logit"], transB=1, name="linear_3"),
+        helper.make_node("Sigmoid", ["logit"], ["prob"], name="sigmoid"),
+        helper.make_node("Reshape", ["prob", "flat_shape"], [OUTPUT_NAME], name="flatten"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "sprm_head",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["n", c])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["n"])],
+        initializer=inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edge_ms", ir_version=IR_VERSION
+    )
+    meta = {
+        "format_version": str(spec.format_version),
+        "layer": str(int(spec.layer)),
+        "hidden_size": str(int(c)),
+        "step_delimiter_ids": json.dumps([int(i) for i in spec.step_delimiter_ids]),
+        "think_start_id": json.dumps(None if spec.think_start_id is None else int(spec.think_start_id)),
+        "think_end_id": json.dumps(None if spec.think_end_id is None else int(spec.think_end_id)),
+        "backbone_fingerprint": spec.backbone_fingerprint,
+    }
+    for key, value in provenance.items():
+        if key in meta:
+            raise ValueError(f"provenance key {key!r} would overwrite the head spec")
+        meta[key] = str(value)
+    helper.set_model_props(model, {_META + k: v for k, v in meta.items()})
+    return model
+
+
+def _load_proto(path: Path) -> onnx.ModelProto:
+    if not path.is_file():
+        raise fail(path, "no such head file" if not path.exists() else "not a file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # protobuf's DecodeError and friends: the bytes are not an ONNX model
+        raise fail(path, f"not an ONNX file ({_first_line(err) or type(err).__name__})") from None
+    if not model.HasField("graph"):
+        raise fail(path, "not an ONNX model (no graph)")
+    return model
+
+
+def _read_spec(model: onnx.ModelProto, path: Path) -> HeadSpec:
+    meta = {p.key[len(_META) :]: p.value for p in model.metadata_props if p.key.startswith(_META)}
+    missing = [k for k in _REQUIRED_META if k not in meta]
+    if missing:
+        raise fail(path, f"not an edge_ms head: metadata {', '.join(_META + k for k in missing)} missing")
+
+    def parse(key: str, kind: str) -> object:
+        raw = meta[key]
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw  # reported below as the wrong type
+        ok = {
+            "int": _is_int(value) and value >= 0,
+            "id_or_null": value is None or (_is_int(value) and value >= 0),
+            "ids": isinstance(value, list) and bool(value) and all(_is_int(i) and i >= 0 for i in value),
+        }[kind]
+        if not ok:
+            raise fail(path, f"metadata {_META}{key} is {raw!r}, not a valid value")
+        return value
+
+    version = parse("format_version", "int")
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        raise fail(path, f"head format_version {version} is not supported by this edge_ms (supported: 1)")
+    hidden_size = parse("hidden_size", "int")
+    if hidden_size == 0:
+        raise fail(path, "metadata edge_ms.hidden_size is 0")
+    return HeadSpec(
+        layer=parse("layer", "int"),
+        hidden_size=hidden_size,
+        step_delimiter_ids=tuple(parse("step_delimiter_ids", "ids")),
+        think_start_id=parse("think_start_id", "id_or_null"),
+        think_end_id=parse("think_end_id", "id_or_null"),
+        backbone_fingerprint=meta["backbone_fingerprint"],
+        format_version=version,
+    )
+
+
+def _initializers(model: onnx.ModelProto, path: Path, c: int | None = None) -> dict[str, np.ndarray]:
+    found = {t.name: t for t in model.graph.initializer if t.name in WEIGHT_KEYS}
+    missing = [k for k in WEIGHT_KEYS if k not in found]
+    if missing:
+        raise fail(path, f"head weights {missing} missing from the ONNX graph")
+    out = {k: numpy_helper.to_array(found[k]).astype(np.float32, copy=False) for k in WEIGHT_KEYS}
+    if c is not None:
+        for key, shape in _expected_shapes(c).items():
+            if out[key].shape != shape:
+                raise fail(
+                    path,
+                    f"weight {key} has shape {list(out[key].shape)}, expected {list(shape)} for hidden_size {c}",
+                )
+    return out
+
+
+def _check_io(model: onnx.ModelProto, path: Path, c: int) -> None:
+    inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
+        raise fail(path, f"head graph must have one input {INPUT_NAME!r}, has {[i.name for i in inputs]}")
+    dims = inputs[0].type.tensor_type.shape.dim
+    width = dims[1].dim_value if len(dims) == 2 and dims[1].HasField("dim_value") else None
+    if width != c:
+        shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
+        raise fail(path, f"head input {INPUT_NAME} has shape {shape}, but edge_ms.hidden_size is {c}")
+    if [o.name for o in model.graph.output] != [OUTPUT_NAME]:
+        raise fail(path, f"head graph must have one output {OUTPUT_NAME!r}")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""

@@ -1,0 +1,88 @@
+"""`edge-ms solve` as a user runs it: JSON output, and one clear line for what cannot run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edge_ms.head import HeadSpec, load_head, write_head
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edge_ms.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 1, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def test_json_output(converted):
+    proc = run("solve", "What is 6 times 7?", "--model", str(converted("tiny-qwen2", "f32")), "--n", "3",
+               "--seed", "4", "--max-new-tokens", "40", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert {"mode", "n", "selected", "answer", "prompt_token_ids", "candidates"} <= out.keys()
+    assert out["n"] == len(out["candidates"]) == 3
+    scores = [c["score"] for c in out["candidates"]]
+    assert out["selected"] == scores.index(max(scores))
+    n_prompt = len(out["prompt_token_ids"])
+    for c in out["candidates"]:
+        assert {"text", "token_ids", "step_positions", "step_scores", "score", "finish_reason"} <= c.keys()
+        assert 0 < len(c["token_ids"]) <= 40
+        assert len(c["step_positions"]) == len(c["step_scores"])
+        assert all(0 <= p < n_prompt + len(c["token_ids"]) for p in c["step_positions"])
+    # The chat template was applied: the prompt opens the think block.
+    assert out["prompt_token_ids"][-1] != out["prompt_token_ids"][0]
+
+
+def test_mode_sets_n(converted):
+    proc = run("solve", "Hi", "--model", str(converted("tiny-qwen2", "f32")), "--mode", "low",
+               "--max-new-tokens", "5", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["n"] == 2
+
+
+def test_prompt_that_does_not_fit(converted):
+    prompt = " ".join(f"w{i}" for i in range(4000))
+    line = one_line_error(run("solve", prompt, "--raw", "--model", str(converted("tiny-qwen2", "f32")),
+                              "--n", "2", "--max-new-tokens", "16"))
+    assert "exceeds the model's context" in line
+
+
+def test_n_that_does_not_fit(converted):
+    line = one_line_error(run("solve", "Hi", "--model", str(converted("tiny-qwen2", "f32")), "--n", "8",
+                              "--max-new-tokens", "3000", "--memory", "40MiB"))
+    assert "KV cache" in line and "budget" in line
+
+
+def test_head_of_another_backbone_is_refused(converted, tmp_path):
+    model_dir = converted("tiny-qwen2", "f32")
+    head = load_head(model_dir / "tiny-qwen2.sprm.onnx")
+    spec = head.spec
+    foreign = HeadSpec(spec.layer, spec.hidden_size, spec.step_delimiter_ids, spec.think_start_id,
+                       spec.think_end_id, "0123456789abcdef")
+    write_head(tmp_path / "foreign.sprm.onnx", head.weights(), foreign)
+    line = one_line_error(run("solve", "Hi", "--model", str(model_dir / "tiny-qwen2-f32.gguf"),
+                              "--head", str(tmp_path / "foreign.sprm.onnx"), "--n", "2"))
+    assert "foreign.sprm.onnx" in line and "belongs to backbone 0123456789abcdef" in line
+
+
+def test_head_of_another_width_is_refused(converted):
+    other = converted("tiny-qwen2-sharded", "f32") / "tiny-qwen2-sharded.sprm.onnx"
+    line = one_line_error(run("solve", "Hi", "--model", str(converted("tiny-qwen2", "f32") / "tiny-qwen2-f32.gguf"),
+                              "--head", str(other), "--n", "2"))
+    assert "head width 64 does not match" in line
+
+
+@pytest.mark.parametrize("args,needle", [(["--mode", "extreme"], "unknown mode"), (["--n", "0"], "at least one"),
+                                          (["--kv-type", "q3"], "unknown KV-cache type")])
+def test_bad_options(converted, args, needle):
+    line = one_line_error(run("solve", "Hi", "--model", str(converted("tiny-qwen2", "f32")), *args))
+    assert needle in line
