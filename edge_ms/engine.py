@@ -51,6 +51,14 @@ class Trajectory:
     finish_reason: str | None = None
     stop_at: int | None = None  # byte offset where a stop string begins
     sampler: object = None
+    rows: dict[int, np.ndarray] | None = None  # position -> tapped row, when the engine keeps them
+
+    def step_rows(self) -> np.ndarray:
+        """Hidden states of the scored positions (needs ``Engine(keep_rows=True)``), for training heads."""
+        positions, _ = self.steps()
+        if self.rows is None:
+            raise ValueError("rows were not kept: create the Engine with keep_rows=True")
+        return np.stack([self.rows[q] for q in positions]) if positions else np.zeros((0, 0), np.float32)
 
     @property
     def live(self) -> bool:
@@ -117,12 +125,13 @@ class Engine:
     """One model, one head, one reusable llama.cpp context with the tap installed."""
 
     def __init__(self, model: Model, head: Head | None, n_batch: int = 512, n_ubatch: int | None = None,
-                 tap_enabled: bool = True, kv_budget_bytes: int | None = None) -> None:
+                 tap_enabled: bool = True, kv_budget_bytes: int | None = None, keep_rows: bool = False) -> None:
         self.model = model
         self.head = head
         self.n_batch = n_batch
         self.n_ubatch = n_ubatch
         self.kv_budget_bytes = kv_budget_bytes
+        self.keep_rows = keep_rows
         layer = head.spec.layer if head else model.n_layer - 2
         self.layer = layer
         self.tap_enabled = tap_enabled and head is not None
@@ -312,6 +321,8 @@ class Engine:
                 else StepTracker(_NO_STEPS, n_prompt)
             )
             traj = Trajectory(i, tracker, sampler=_sampler(params, m.n_vocab, params.seed + i))
+            if self.keep_rows:
+                traj.rows = {q: rows[q] for q in prompt_cands}
             for tok in prompt_ids[-params.penalty_last_n :]:
                 llama_cpp.llama_sampler_accept(traj.sampler, tok)
             trajs.append(traj)
@@ -350,8 +361,10 @@ class Engine:
                     t0 = time.perf_counter()
                     scores = self.head.score(np.stack([r for _, _, r in to_score]))
                     stats.score_s += time.perf_counter() - t0
-                    for (traj, q, _), s in zip(to_score, scores):
+                    for (traj, q, row), s in zip(to_score, scores):
                         traj.tracker.add_candidate(q, float(s))
+                        if traj.rows is not None:
+                            traj.rows[q] = row.copy()
                         events.append(Event("step", traj.index, None, len(traj.tokens), float(s), traj.score()))
                 if prune is not None:
                     for idx in prune([t for t in live if t.live]):
