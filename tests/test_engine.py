@@ -83,3 +83,36 @@ def test_stop_strings_and_length(converted):
     assert all(len(c.token_ids) <= 30 for c in res.candidates)
     hit = [c for c in res2.candidates if c.finish_reason == "stop" and stop not in c.text]
     assert hit, "the stop string ends the candidate that produced it, and is cut from its text"
+
+
+def test_finished_sequences_free_their_cells(converted):
+    import llama_cpp
+
+    from edge_ms.engine import SamplingParams
+
+    r = Reasoner.load(converted("tiny-qwen2", "f32"))
+    try:
+        ids = r.prompt_ids("Free the cells.")
+        seen = []
+        for ev in r.engine.generate(ids, 3, SamplingParams(seed=9, max_new_tokens=12)):
+            if ev.kind == "finish":
+                mem = llama_cpp.llama_get_memory(r.engine._ctx)
+                seen.append(llama_cpp.llama_memory_seq_pos_max(mem, ev.index))
+    finally:
+        r.close()
+    assert seen == [-1, -1, -1]
+
+
+def test_q8_0_kv_cache_runs_and_stays_close(converted):
+    from edge_ms.model import DeviceSettings
+
+    results = {}
+    for kv in ("f16", "q8_0"):
+        r = Reasoner.load(converted("tiny-qwen2", "f32"), settings=DeviceSettings(kv_type=kv))
+        try:
+            results[kv] = r.solve("Check the cache.", n=2, seed=1, max_new_tokens=20, temperature=0)
+        finally:
+            r.close()
+    a, b = results["f16"].candidates[0], results["q8_0"].candidates[0]
+    # Greedy decoding: a quantized KV cache may flip a late token, not the opening ones.
+    assert a.token_ids[:5] == b.token_ids[:5]
