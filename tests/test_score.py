@@ -76,3 +76,13 @@ def test_reference_trajectory_scores(reference_json):
     ref = reference_json()
     for scores, expected in zip(ref["step_scores"], ref["trajectory_score"]):
         assert trajectory_score(scores) == pytest.approx(expected, rel=1e-6)
+
+
+def test_hand_worked_rule_cases():
+    import json
+    from pathlib import Path
+
+    data = json.loads((Path(__file__).parent / "fixtures" / "reference" / "step_rules.json").read_text())
+    rules = Rules(tuple(data["step_delimiter_ids"]), data["think_start_id"], data["think_end_id"])
+    for case in data["cases"]:
+        assert step_positions(case["ids"], rules) == case["step_positions"], case.get("name")
