@@ -91,7 +91,7 @@ def _load_reasoner(model, quant, head, threads, n_gpu_layers, kv_type, extra_buf
 @click.option("--top-p", type=float, default=0.95, show_default=True)
 @click.option("--repetition-penalty", type=float, default=1.05, show_default=True)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
-@click.option("--strategy", default="best", show_default=True, help="best (SPRM best-of-N), majority, weighted.")
+@click.option("--strategy", default="best", show_default=True, help="best (SPRM best-of-N), majority, weighted (SPRM-weighted vote), prune (stop trajectories that fall behind).")
 @click.option("--raw", is_flag=True, help="Do not apply the model's chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @_one_line_errors

@@ -103,7 +103,7 @@ class Stats:
     n_ctx: int = 0
 
 
-# A pruning rule: given the live trajectories after a step, the indices to stop now.
+# A pruning rule: given every trajectory after a step, the indices of live ones to stop now.
 PruneRule = Callable[[list[Trajectory]], list[int]]
 
 
@@ -366,9 +366,10 @@ class Engine:
                         if traj.rows is not None:
                             traj.rows[q] = row.copy()
                         events.append(Event("step", traj.index, None, len(traj.tokens), float(s), traj.score()))
-                if prune is not None:
-                    for idx in prune([t for t in live if t.live]):
-                        trajs[idx].finish_reason = "pruned"
+                if prune is not None and to_score:
+                    for idx in prune(trajs):
+                        if trajs[idx].live:
+                            trajs[idx].finish_reason = "pruned"
                 for traj in live:
                     if not traj.live:
                         llama_cpp.llama_memory_seq_rm(mem, traj.index, -1, -1)

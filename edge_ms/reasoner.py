@@ -11,7 +11,7 @@ from edge_ms.engine import Engine, Event, PruneRule, SamplingParams, Stats
 from edge_ms.errors import EdgeMSError, fail
 from edge_ms.head import Head, load_head
 from edge_ms.model import DeviceSettings, Model
-from edge_ms.select import STRATEGIES, select
+from edge_ms.select import STRATEGIES, PruneRule, select
 
 MODES = {"low": 2, "medium": 8, "high": 32}
 
@@ -203,6 +203,8 @@ class Reasoner:
             raise EdgeMSError(f"--strategy {strategy}: unknown (choose from {', '.join(STRATEGIES)})")
         if seed is None:
             seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+        if strategy == "prune" and prune is None:
+            prune = PruneRule()
         params = SamplingParams(temperature, top_p, repetition_penalty, 64, seed, max_new_tokens, tuple(stop))
         ids = self.prompt_ids(prompt, raw)
         stats = Stats()
