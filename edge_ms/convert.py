@@ -98,20 +98,24 @@ def convert(
         raise fail(out_dir, "exists and is not a directory")
     if out_dir.exists() and not force:
         raise fail(out_dir, "already exists (use --force to replace it)")
+    src, dst = hf_dir.resolve(), out_dir.resolve()
+    if dst == src or dst in src.parents:
+        # --force would replace the output directory, and with it the checkpoint being read.
+        raise fail(out_dir, f"is or contains the input directory {hf_dir}; choose another output")
 
     # Validate every input before writing anything.
     params = gguf_export.read_params(hf_dir / "config.json")
-    tokenizer_path = hf_dir / "tokenizer.json"
-    if not tokenizer_path.is_file():
-        raise fail(tokenizer_path, "file not found")
     vocab = gguf_export.read_vocab(hf_dir, params.vocab_size)
     entries = open_checkpoint(hf_dir)
     plan = gguf_export.plan_tensors(entries, params)
     head_weights = _read_head(hf_dir, params.hidden_size)
 
-    name = hf_dir.resolve().name.lower()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _fresh_dir(out_dir, "tmp")
+    name = src.name.lower()
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _fresh_dir(out_dir, "tmp")
+    except OSError as err:
+        raise fail(out_dir.parent, f"cannot create the output beside it: {err.strerror or err}") from None
     try:
         fp = fingerprint(entries)
         gguf_path = tmp / f"{name}-{quant}.gguf"
@@ -132,7 +136,7 @@ def convert(
             backbone_fingerprint=fp,
         )
         head_path = tmp / f"{name}.sprm.onnx"
-        write_head(head_path, head_weights, spec, provenance={"source": hf_dir.resolve().name})
+        write_head(head_path, head_weights, spec, provenance={"source": src.name})
         _install(tmp, out_dir)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -104,7 +104,7 @@ class Stats:
 
 
 # A pruning rule: given every trajectory after a step, the indices of live ones to stop now.
-PruneRule = Callable[[list[Trajectory]], list[int]]
+Pruner = Callable[[list[Trajectory]], list[int]]
 
 
 def _sampler(params: SamplingParams, n_vocab: int, seed: int):
@@ -252,7 +252,7 @@ class Engine:
         prompt_ids: list[int],
         n: int,
         params: SamplingParams,
-        prune: PruneRule | None = None,
+        prune: Pruner | None = None,
         should_stop: Callable[[], bool] | None = None,
         stats: Stats | None = None,
     ) -> Iterator[Event]:

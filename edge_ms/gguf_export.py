@@ -178,6 +178,10 @@ def _token_text(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _is_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _first_id(value: object) -> int | None:
     if isinstance(value, list):
         value = value[0] if value else None
@@ -189,12 +193,23 @@ def read_vocab(hf_dir: str | os.PathLike[str], vocab_size: int) -> Vocab:
     hf_dir = Path(hf_dir)
     tok_path = hf_dir / "tokenizer.json"
     tok = _read_json(tok_path)
-    _check_qwen2_tokenizer(tok_path, tok)
+    try:
+        _check_qwen2_tokenizer(tok_path, tok)
+    except (AttributeError, TypeError):
+        raise fail(
+            tok_path, "malformed tokenizer: model / pre_tokenizer are not the expected objects"
+        ) from None
 
     by_id: dict[int, tuple[str, int]] = {}
     for text, i in tok["model"]["vocab"].items():
+        if not _is_id(i):
+            raise fail(tok_path, f"vocab entry {text!r} has id {i!r}")
         by_id[i] = (text, gguf.TokenType.NORMAL)
     for added in tok.get("added_tokens") or []:
+        if not (
+            isinstance(added, dict) and _is_id(added.get("id")) and isinstance(added.get("content"), str)
+        ):
+            raise fail(tok_path, f"malformed added token {added!r:.80}")
         kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
         by_id[added["id"]] = (added["content"], kind)
     top = max(by_id) + 1 if by_id else 0
@@ -224,10 +239,15 @@ def read_vocab(hf_dir: str | os.PathLike[str], vocab_size: int) -> Vocab:
     def special(name: str) -> int | None:
         text = _token_text(tcfg.get(f"{name}_token"))
         if text is not None:
-            if text not in ids:
+            if text in ids:
+                return ids[text]
+            if name != "pad":  # a missing pad token is harmless; a missing BOS/EOS is a broken checkpoint
                 raise fail(tcfg_path, f"{name}_token {text!r} is not in tokenizer.json")
-            return ids[text]
-        return _first_id(gen.get(f"{name}_token_id")) or _first_id(cfg.get(f"{name}_token_id"))
+        for source in (gen, cfg):
+            found = _first_id(source.get(f"{name}_token_id"))
+            if found is not None and 0 <= found < vocab_size:
+                return found
+        return None
 
     bos_id, eos_id, pad_id = special("bos"), special("eos"), special("pad")
     add_bos = tcfg.get("add_bos_token")

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edge_ms.engine import Engine, Event, PruneRule, SamplingParams, Stats
+from edge_ms.engine import Engine, Event, Pruner, SamplingParams, Stats
 from edge_ms.errors import EdgeMSError, fail
 from edge_ms.head import Head, load_head
 from edge_ms.model import DeviceSettings, Model
@@ -194,7 +194,7 @@ class Reasoner:
         stop: tuple[str, ...] | list[str] = (),
         raw: bool = False,
         strategy: str = "best",
-        prune: PruneRule | None = None,
+        prune: Pruner | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> Iterator[Event]:
         """Like :meth:`solve`, yielding progress events; the last one (kind ``done``) has ``.result``."""
