@@ -1,0 +1,504 @@
+"""An OpenAI-compatible HTTP server: ``/v1/chat/completions`` runs best-of-N reasoning on one loaded model.
+
+One worker thread owns the Reasoner (a llama.cpp context is not thread-safe) and takes jobs from a
+bounded queue; the async handlers only validate, enqueue and relay what the worker posts back onto
+the event loop. A full queue answers 429; a client that goes away has its generation aborted, so
+its KV cells are freed and the next job starts at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import queue
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from edge_ms.errors import EdgeMSError
+from edge_ms.reasoner import MODES, Reasoner, Result
+
+__all__ = ["ApiError", "create_app", "parse_request", "serve"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 2048  # when the request names none (clamped to the room the prompt leaves)
+PROGRESS_EVERY_S = 0.2  # streaming progress chunks; also how soon a vanished stream is noticed
+POLL_S = 0.1  # how often a waiting non-streaming request checks that its client is still there
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's format: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+@dataclass
+class Job:
+    """One chat completion request, from the handler to the worker and back."""
+
+    messages: list[dict[str, str]]
+    mode: str
+    max_tokens: int | None
+    sampling: dict
+    stream: bool
+    usage: bool  # streaming: end with a usage chunk (stream_options.include_usage)
+    loop: asyncio.AbstractEventLoop
+    inbox: asyncio.Queue
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def post(self, kind: str, payload: object) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.inbox.put_nowait, (kind, payload))
+        except RuntimeError:  # the event loop is closed: the server is shutting down
+            pass
+
+
+@dataclass
+class Metrics:
+    completed: int = 0
+    cancelled: int = 0
+    rejected: int = 0
+    errors: int = 0
+    generated_tokens: int = 0
+    last_cancelled: dict | None = None  # tokens the last cancelled job made, against its budget
+
+
+class Worker:
+    """The thread that owns the Reasoner; everything else talks to it through ``submit`` and ``cancel``."""
+
+    def __init__(self, reasoner: Reasoner, queue_size: int) -> None:
+        if queue_size < 1:
+            raise EdgeMSError(f"--queue-size {queue_size}: must be at least 1")
+        self.reasoner = reasoner
+        self.jobs: queue.Queue[Job | None] = queue.Queue(queue_size)
+        self.metrics = Metrics()
+        self._lock = threading.Lock()
+        self._current: Job | None = None
+        self._thread = threading.Thread(target=self._loop, name="edge-ms-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        while True:  # nobody will serve the waiting jobs any more
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.post("error", ApiError(503, "the server is shutting down", kind="server_error"))
+        with self._lock:
+            current = self._current
+        if current is not None:
+            self.cancel(current)
+        self.jobs.put(None)
+        self._thread.join(timeout=30)
+
+    def submit(self, job: Job) -> None:
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            with self._lock:
+                self.metrics.rejected += 1
+            raise ApiError(
+                429,
+                f"the server is busy: {self.jobs.maxsize} requests are already waiting; retry later",
+                code="rate_limit_exceeded",
+                kind="rate_limit_error",
+            ) from None
+
+    def cancel(self, job: Job) -> None:
+        # Under the lock, so the abort flag is never set for a job that is no longer the current one.
+        with self._lock:
+            job.cancelled.set()
+            if self._current is job:
+                self.reasoner.engine.abort.set()
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {
+                "queue": {
+                    "waiting": self.jobs.qsize(),
+                    "capacity": self.jobs.maxsize,
+                    "running": self._current is not None,
+                },
+                **asdict(self.metrics),
+            }
+
+    def _loop(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            with self._lock:
+                if job.cancelled.is_set():  # its client left while it waited
+                    self.metrics.cancelled += 1
+                    continue
+                self._current = job
+            try:
+                self._run(job)
+            except Exception as err:  # noqa: BLE001 - every failure goes back to its client
+                if isinstance(err, ApiError):
+                    error = err
+                elif isinstance(err, EdgeMSError):
+                    error = ApiError(400, str(err))
+                else:
+                    log.exception("generation failed")
+                    error = ApiError(500, f"internal error: {type(err).__name__}: {err}", kind="server_error")
+                with self._lock:
+                    self.metrics.errors += 1
+                job.post("error", error)
+            finally:
+                with self._lock:
+                    self._current = None
+
+    def _run(self, job: Job) -> None:
+        r = self.reasoner
+        ids = r.prompt_ids(job.messages)
+        room = r.model.n_ctx_train - len(ids)
+        max_new = job.max_tokens if job.max_tokens is not None else min(DEFAULT_MAX_TOKENS, room)
+        if max_new > room:
+            raise ApiError(
+                400,
+                f"max_tokens {max_new}: the prompt has {len(ids)} tokens and the model's context "
+                f"is {r.model.n_ctx_train}, so at most {max(room, 0)} new tokens fit",
+                "max_tokens",
+                "context_length_exceeded",
+            )
+        n = MODES[job.mode]
+        r.engine.plan_context(len(ids), n, max_new)  # the KV budget check, before anything runs
+        progress = {"n": n, "finished": 0, "generated_tokens": 0, "steps": 0}
+        t0 = last = time.monotonic()
+        result: Result | None = None
+        for ev in r.stream(
+            job.messages, job.mode, max_new_tokens=max_new, should_stop=job.cancelled.is_set, **job.sampling
+        ):
+            if ev.kind == "done":
+                result = ev.result
+                break
+            progress["generated_tokens"] += ev.kind == "token"
+            progress["steps"] += ev.kind == "step"
+            progress["finished"] += ev.kind == "finish"
+            now = time.monotonic()
+            if job.stream and (ev.kind == "finish" or now - last >= PROGRESS_EVERY_S):
+                job.post("progress", dict(progress))
+                last = now
+        made = result.stats.generated_tokens
+        with self._lock:
+            self.metrics.generated_tokens += made
+            if job.cancelled.is_set():
+                self.metrics.cancelled += 1
+                cut = sum(c.finish_reason == "cancelled" for c in result.candidates)
+                self.metrics.last_cancelled = {
+                    "generated_tokens": made,
+                    "token_budget": n * max_new,
+                    "trajectories_cut": cut,
+                    "seconds": round(time.monotonic() - t0, 3),
+                }
+                return
+            self.metrics.completed += 1
+        job.post("done", result)
+
+
+# -- request parsing ---------------------------------------------------------------
+
+
+def _content(value: object, i: int) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
+        return "".join(str(p.get("text", "")) for p in value)
+    raise ApiError(
+        400, f"messages[{i}].content: must be a string or a list of text parts", f"messages[{i}].content"
+    )
+
+
+def _messages(value: object) -> list[dict[str, str]]:
+    if not isinstance(value, list):
+        raise ApiError(400, "messages: required, a list of {role, content} objects", "messages")
+    if not value:
+        raise ApiError(400, "messages: the list is empty; send at least one message", "messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in ROLES:
+            raise ApiError(
+                400, f"messages[{i}].role: must be one of {', '.join(ROLES)}", f"messages[{i}].role"
+            )
+        out.append({"role": ROLES[m["role"]], "content": _content(m.get("content"), i)})
+    return out
+
+
+def _number(req: dict, key: str, kind: type, lo: float, hi: float) -> float | int | None:
+    value = req.get(key)
+    if value is None:
+        return None
+    ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    if not ok or not lo <= value <= hi:
+        what = "an integer" if kind is int else "a number"
+        raise ApiError(400, f"{key} {value!r}: must be {what} from {lo} to {hi}", key)
+    return kind(value)
+
+
+def parse_request(body: bytes, n_ctx: int) -> dict:
+    """Validate a ``/v1/chat/completions`` body; raises :class:`ApiError` (400) naming the bad field."""
+    try:
+        req = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ApiError(400, f"the request body is not valid JSON: {err}") from None
+    if not isinstance(req, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    effort = "medium" if req.get("reasoning_effort") is None else req["reasoning_effort"]
+    if not isinstance(effort, str) or effort not in MODES:
+        raise ApiError(
+            400, f"reasoning_effort {effort!r}: unknown (choose from {', '.join(MODES)})", "reasoning_effort"
+        )
+    key = "max_completion_tokens" if req.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _number(req, key, int, 1, n_ctx)
+    if req.get("n") not in (None, 1):
+        raise ApiError(
+            400, "n: only one choice per request (the N trajectories are set by reasoning_effort)", "n"
+        )
+    if req.get("tools") or req.get("functions"):
+        raise ApiError(400, "tools: tool calling is not supported", "tools")
+    stop = req.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop or []
+    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
+        raise ApiError(400, "stop: must be a string or a list of up to 4 non-empty strings", "stop")
+    options = req.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ApiError(400, "stream_options: must be an object", "stream_options")
+    sampling = {"stop": tuple(stops), "seed": _number(req, "seed", int, -(2**63), 2**63 - 1)}
+    for name, lo, hi in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):
+        value = _number(req, name, float, lo, hi)
+        if value is not None:
+            sampling[name] = value
+    return dict(
+        messages=_messages(req.get("messages")),
+        mode=effort,
+        max_tokens=max_tokens,
+        sampling=sampling,
+        stream=req.get("stream") is True,
+        usage=options.get("include_usage") is True,
+    )
+
+
+# -- responses ---------------------------------------------------------------------
+
+
+def _finish_reason(result: Result) -> str:
+    return "length" if result.best.finish_reason == "length" else "stop"
+
+
+def _usage(result: Result) -> dict:
+    made = sum(len(c.token_ids) for c in result.candidates)  # every trajectory, not only the selected one
+    n_prompt = len(result.prompt_token_ids)
+    return {"prompt_tokens": n_prompt, "completion_tokens": made, "total_tokens": n_prompt + made}
+
+
+def _extension(result: Result) -> dict:
+    """The ``edge_ms`` object: how every trajectory scored, and which one was selected."""
+    s = result.stats
+    cands = [
+        dict(
+            index=c.index,
+            score=c.score,
+            step_scores=c.step_scores,
+            finish_reason=c.finish_reason,
+            completion_tokens=len(c.token_ids),
+        )
+        for c in result.candidates
+    ]
+    timings = dict(decode_s=round(s.decode_s, 4), score_s=round(s.score_s, 4), total_s=round(s.total_s, 4))
+    return dict(
+        selected=result.selected,
+        n=result.n,
+        reasoning_effort=result.mode,
+        seed=result.seed,
+        strategy=result.strategy,
+        candidates=cands,
+        timings=timings,
+    )
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _next(job: Job, request: Request | None) -> tuple[str, object]:
+    """The worker's next message; with ``request``, gives up (_ClientGone) once its client is gone."""
+    while True:
+        try:
+            return await asyncio.wait_for(job.inbox.get(), POLL_S)
+        except asyncio.TimeoutError:
+            if request is not None and await request.is_disconnected():
+                raise _ClientGone() from None
+
+
+def _sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def create_app(
+    reasoner: Reasoner, queue_size: int = 16, api_key: str | None = None, model_id: str | None = None
+) -> FastAPI:
+    """The FastAPI app serving ``reasoner``; ``queue_size`` requests may wait while one runs."""
+    worker = Worker(reasoner, queue_size)
+    model_id = model_id or reasoner.model.path.stem
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        worker.start()
+        try:
+            yield
+        finally:
+            worker.stop()
+
+    app = FastAPI(title="edge_ms", lifespan=lifespan)
+    app.state.worker = worker
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, err: ApiError) -> JSONResponse:
+        return err.response()
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_request: Request, err: HTTPException) -> JSONResponse:
+        return ApiError(err.status_code, str(err.detail)).response()
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(
+                401, "missing or wrong API key: send Authorization: Bearer KEY", code="invalid_api_key"
+            )
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": model_id, **worker.snapshot()}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        authorize(request)
+        return {
+            "object": "list",
+            "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "edge_ms"}],
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        authorize(request)
+        req = parse_request(await request.body(), reasoner.model.n_ctx_train)
+        job = Job(**req, loop=asyncio.get_running_loop(), inbox=asyncio.Queue())
+        worker.submit(job)
+        try:
+            # Wait for the first message before answering, so that errors get a status code.
+            first = await _next(job, request)
+        except _ClientGone:
+            worker.cancel(job)
+            return Response(status_code=499)  # nobody reads it
+        except BaseException:  # the server is shutting down
+            worker.cancel(job)
+            raise
+        if first[0] == "error":
+            raise first[1]
+        cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def reply(obj: str, choices: list, **extra) -> dict:
+            return dict(id=cid, object=obj, created=now, model=model_id, choices=choices, **extra)
+
+        if not job.stream:
+            result = first[1]
+            message = dict(
+                role="assistant", content=result.answer, reasoning_content=result.best.reasoning or None
+            )
+            choice = dict(index=0, message=message, finish_reason=_finish_reason(result), logprobs=None)
+            return JSONResponse(
+                reply("chat.completion", [choice], usage=_usage(result), edge_ms=_extension(result))
+            )
+
+        def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+            choice = dict(index=0, delta=delta, finish_reason=finish, logprobs=None)
+            return _sse(reply("chat.completion.chunk", [choice], **extra))
+
+        async def events() -> AsyncIterator[str]:
+            finished = False
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                kind, payload = first
+                # Starlette cancels this generator when the client disconnects: the finally cancels the job.
+                while kind == "progress":
+                    yield chunk({}, edge_ms={"progress": payload})
+                    kind, payload = await _next(job, None)
+                finished = True
+                if kind == "error":
+                    yield _sse(payload.body())
+                    return
+                result = payload
+                if result.best.reasoning:
+                    yield chunk({"reasoning_content": result.best.reasoning})
+                if result.answer:
+                    yield chunk({"content": result.answer})
+                yield chunk({}, _finish_reason(result), edge_ms=_extension(result))
+                if job.usage:
+                    yield _sse(reply("chat.completion.chunk", [], usage=_usage(result)))
+                yield _sse("[DONE]")
+            finally:
+                if not finished:
+                    worker.cancel(job)
+
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
+    return app
+
+
+def serve(
+    reasoner: Reasoner,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    api_key: str | None = None,
+    queue_size: int = 16,
+    log_level: str = "info",
+) -> None:
+    """Serve ``reasoner`` until interrupted (Ctrl-C)."""
+    import uvicorn
+
+    app = create_app(reasoner, queue_size=queue_size, api_key=api_key)
+    try:  # bind here, so a taken port is one clear error line and not a log dump
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+    except (OSError, OverflowError) as err:
+        raise EdgeMSError(
+            f"{host}:{port}: cannot listen there ({getattr(err, 'strerror', None) or err})"
+        ) from None
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
