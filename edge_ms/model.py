@@ -37,7 +37,11 @@ class DeviceSettings:
             raise EdgeMSError(f"--kv-type {self.kv_type}: unknown KV-cache type (choose from {', '.join(KV_TYPES)})")
 
     def threads(self) -> int:
-        return self.n_threads or max(1, os.cpu_count() or 1)
+        """Explicit setting, else $EDGE_MS_THREADS, else every core."""
+        if self.n_threads:
+            return self.n_threads
+        env = os.environ.get("EDGE_MS_THREADS", "").strip()
+        return int(env) if env.isdigit() and int(env) > 0 else max(1, os.cpu_count() or 1)
 
 
 def _quiet_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+# The fixture models are tiny: one thread is faster than two, and llama.cpp's spinning
+# threadpool collapses when the cores are shared with other processes (subprocesses inherit this).
+os.environ.setdefault("EDGE_MS_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
