@@ -200,5 +200,63 @@ def convert_cmd(hf_dir, out_dir, quant, force) -> None:
     click.echo(f"fingerprint {result.fingerprint}")
 
 
+@main.command("serve")
+@device_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--api-key", default=None, envvar="EDGE_MS_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1 requests (env: EDGE_MS_API_KEY).")
+@click.option("--queue-size", type=int, default=16, show_default=True,
+              help="Requests that may wait while one runs; more are answered 429.")
+@_one_line_errors
+def serve_cmd(model, quant, head, threads, n_gpu_layers, kv_type, extra_bufts, memory, host, port, api_key,
+              queue_size) -> None:
+    """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health) on one loaded model."""
+    from edge_ms.server import serve
+
+    if queue_size < 1:
+        raise EdgeMSError(f"--queue-size {queue_size}: must be at least 1")
+    reasoner = _load_reasoner(model, quant, head, threads, n_gpu_layers, kv_type, extra_bufts, memory)
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
+    try:
+        serve(reasoner, host=host, port=port, api_key=api_key, queue_size=queue_size)
+    finally:
+        reasoner.close()
+
+
+@main.command("plan")
+@click.option("--model", "-m", default=None, help="Model directory, store name, or GGUF file (default: embedded model).")
+@click.option("--quant", default=None, help="Which GGUF of the model (with --shape: the size rule, default q4_k_m).")
+@click.option("--shape", default=None, help="Plan a published size instead of a file: 1.5b, 7b or 32b.")
+@click.option("--memory", default=None, help="Memory budget, e.g. 4GiB (default: 80% of available memory).")
+@click.option("--mode", default="medium", show_default=True, help="low / medium / high = 2 / 8 / 32 trajectories.")
+@click.option("--n", "n", type=int, default=None, help="Number of trajectories (overrides --mode).")
+@click.option("--max-new-tokens", type=int, default=1024, show_default=True)
+@click.option("--kv-type", default="f16", show_default=True, help="KV-cache type: f16 or q8_0.")
+@click.option("--prompt-tokens", type=int, default=256, show_default=True, help="Prompt length to plan for.")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_one_line_errors
+def plan_cmd(model, quant, shape, memory, mode, n, max_new_tokens, kv_type, prompt_tokens, threads, as_json) -> None:
+    """Tell what fits in memory: N, new tokens per trajectory and KV-cache type, for a model and a budget."""
+    import dataclasses
+    import json
+
+    from edge_ms.plan import plan_for, plan_table
+
+    p = plan_for(model, quant=quant, shape=shape, memory_bytes=_parse_size(memory), mode=mode, n=n,
+                 max_new_tokens=max_new_tokens, kv_type=kv_type, prompt_tokens=prompt_tokens, threads=threads)
+    if as_json:
+        out = dataclasses.asdict(p)
+        for row in [out["requested"], *out["rows"]]:
+            row["estimate"]["total"] = sum(row["estimate"].values())
+        click.echo(json.dumps(out))
+        return
+    from rich.console import Console
+
+    Console(width=max(Console().width, 100)).print(plan_table(p))
+
+
 if __name__ == "__main__":
     main()

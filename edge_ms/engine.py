@@ -125,12 +125,15 @@ class Engine:
     """One model, one head, one reusable llama.cpp context with the tap installed."""
 
     def __init__(self, model: Model, head: Head | None, n_batch: int = 512, n_ubatch: int | None = None,
-                 tap_enabled: bool = True, kv_budget_bytes: int | None = None, keep_rows: bool = False) -> None:
+                 tap_enabled: bool = True, kv_budget_bytes: int | None = None, keep_rows: bool = False,
+                 memory_budget_bytes: int | None = None) -> None:
         self.model = model
         self.head = head
         self.n_batch = n_batch
         self.n_ubatch = n_ubatch
         self.kv_budget_bytes = kv_budget_bytes
+        # Everything a generation keeps resident (edge_ms.plan's estimate, the same as `edge-ms plan`).
+        self.memory_budget_bytes = memory_budget_bytes
         self.keep_rows = keep_rows
         layer = head.spec.layer if head else model.n_layer - 2
         self.layer = layer
@@ -164,6 +167,18 @@ class Engine:
                     f"{m.path.name}: {n} trajectories x {max_new_tokens} new tokens need "
                     f"{need / 2**30:.2f} GiB of KV cache, over the budget of {self.kv_budget_bytes / 2**30:.2f} GiB; "
                     f"lower --n / --mode or --max-new-tokens, use --kv-type q8_0, or raise --memory"
+                )
+        if self.memory_budget_bytes is not None:
+            from edge_ms.plan import shape_estimate, shape_from_model
+
+            batch = min(self.n_batch, self.n_ubatch or self.n_batch)
+            est = shape_estimate(shape_from_model(m), n_ctx, n, m.settings.kv_type, n_prompt, batch)
+            if est.total > self.memory_budget_bytes:
+                raise EdgeMSError(
+                    f"{m.path.name}: {n} trajectories x {max_new_tokens} new tokens need {est.total / 2**30:.2f} GiB "
+                    f"({est.kv_cache / 2**30:.2f} GiB of KV cache, {est.weights / 2**30:.2f} GiB of weights), over the "
+                    f"budget of {self.memory_budget_bytes / 2**30:.2f} GiB; lower --n / --mode or --max-new-tokens, "
+                    f"use --kv-type q8_0, or raise --memory (`edge-ms plan` shows what fits)"
                 )
         return n_ctx
 

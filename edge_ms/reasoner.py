@@ -151,19 +151,22 @@ class Reasoner:
         n_ubatch: int | None = None,
     ) -> Reasoner:
         """Load a model directory, a store name, a GGUF file (+ ``head``), or the embedded default (None)."""
+        from edge_ms.plan import DEFAULT_BUDGET_FRACTION
+
         gguf, head_path = _locate(model, quant, head)
         if head_path is None:
             raise fail(gguf, "no SPRM head given (pass head=... / --head FILE.sprm.onnx)")
+        # Measured before the weights are mapped: the budget covers them too (edge_ms.plan).
+        budget = memory_bytes if memory_bytes is not None else int(available_memory() * DEFAULT_BUDGET_FRACTION)
         h = load_head(head_path)
         m = Model(gguf, settings)
         check_head(m, h)
-        if memory_bytes is None:
-            budget = int(available_memory() * 0.8) - m.size_bytes
-        else:
-            budget = memory_bytes - m.size_bytes
-            if budget <= 0:
-                raise fail(gguf, f"the weights alone ({m.size_bytes / 2**30:.2f} GiB) exceed --memory {memory_bytes / 2**30:.2f} GiB")
-        return cls(m, h, Engine(m, h, n_batch=n_batch, n_ubatch=n_ubatch, kv_budget_bytes=budget))
+        weights = m.path.stat().st_size
+        if weights >= budget:
+            limit = f"--memory {budget / 2**30:.2f} GiB" if memory_bytes is not None else (
+                f"the memory budget of {budget / 2**30:.2f} GiB ({DEFAULT_BUDGET_FRACTION:.0%} of available memory)")
+            raise fail(gguf, f"the weights alone ({weights / 2**30:.2f} GiB) exceed {limit}")
+        return cls(m, h, Engine(m, h, n_batch=n_batch, n_ubatch=n_ubatch, memory_budget_bytes=budget))
 
     def close(self) -> None:
         self.engine.close()

@@ -1,0 +1,525 @@
+"""A desktop window on the edge_ms Python API: ask a question, watch the N trajectories grow
+with their step scores, and get the one the SPRM head scored best.
+
+    python examples/desktop/app.py                  # the embedded default model
+    python examples/desktop/app.py --model DIR      # a converted model: directory, store name, or GGUF + --head
+
+Generation runs in a worker thread, one at a time (a Reasoner is not thread-safe). Engine
+events cross to the window through Qt signals, which Qt queues into the UI thread. Cancel
+sets the engine's abort flag, which stops a running ``llama_decode`` between graph nodes,
+and the ``should_stop`` flag the engine polls between steps; the trajectories end as
+``cancelled`` and the best of what was generated is still shown.
+
+Needs PySide6 (``pip install "edge-ms[desktop]"``). Runs headless with QT_QPA_PLATFORM=offscreen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from PySide6.QtCore import QObject, QRectF, Qt, QThread, QTimer, Signal, Slot
+from PySide6.QtGui import QColor, QFont, QFontDatabase, QPainter, QPen
+from PySide6.QtWidgets import (
+    QApplication,
+    QComboBox,
+    QFrame,
+    QGridLayout,
+    QHBoxLayout,
+    QLabel,
+    QMainWindow,
+    QPlainTextEdit,
+    QPushButton,
+    QScrollArea,
+    QSizePolicy,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from edge_ms.errors import EdgeMSError
+from edge_ms.reasoner import MODES
+
+FLUSH_S = 0.05  # the worker batches events: one signal per 50 ms, not one per token
+
+
+@dataclass
+class Request:
+    prompt: str
+    mode: str
+    max_new_tokens: int
+    seed: int | None = None
+
+
+@dataclass
+class Update:
+    """One engine event, with the token's bytes decoded in the worker."""
+
+    kind: str  # "token" | "step" | "finish"
+    index: int
+    piece: bytes = b""
+    n_tokens: int = 0
+    step_score: float | None = None
+    score: float = 0.0
+    finish_reason: str | None = None
+
+
+class Worker(QObject):
+    """Owns the Reasoner; lives in its own thread. Every slot runs there."""
+
+    loaded = Signal(str)
+    updates = Signal(list)
+    finished = Signal(object)  # the Result
+    failed = Signal(str)
+
+    def __init__(self, reasoner=None) -> None:
+        super().__init__()
+        self.reasoner = reasoner
+        self._cancel = threading.Event()
+
+    @Slot(object)
+    def load(self, spec: dict) -> None:
+        from edge_ms.model import DeviceSettings
+        from edge_ms.reasoner import Reasoner
+
+        try:
+            settings = DeviceSettings(n_threads=spec.get("threads"))
+            self.reasoner = Reasoner.load(
+                spec.get("model"), quant=spec.get("quant"), head=spec.get("head"), settings=settings
+            )
+        except EdgeMSError as err:
+            self.failed.emit(str(err))
+            return
+        except Exception as err:  # the window must learn of any failure, or it waits forever
+            self.failed.emit(f"{type(err).__name__}: {err}")
+            return
+        self.loaded.emit(self.reasoner.model.path.name)
+
+    def arm(self) -> None:
+        """Called by the window before it queues a run, so a Cancel pressed before the run starts counts."""
+        self._cancel.clear()
+
+    def cancel(self) -> None:
+        """Callable from any thread."""
+        self._cancel.set()
+        if self.reasoner is not None:
+            self.reasoner.engine.abort.set()
+
+    @Slot(object)
+    def run(self, req: Request) -> None:
+        r = self.reasoner
+        pending: list[Update] = []
+        last = time.monotonic()
+        try:
+            for ev in r.stream(
+                req.prompt,
+                req.mode,
+                max_new_tokens=req.max_new_tokens,
+                seed=req.seed,
+                should_stop=self._cancel.is_set,
+            ):
+                if ev.kind == "done":
+                    self.updates.emit(pending)
+                    self.finished.emit(ev.result)
+                    return
+                piece = (
+                    r.model.piece(ev.token) if ev.kind == "token" and not r.model.is_eog(ev.token) else b""
+                )
+                pending.append(
+                    Update(ev.kind, ev.index, piece, ev.n_tokens, ev.step_score, ev.score, ev.finish_reason)
+                )
+                if time.monotonic() - last > FLUSH_S:
+                    self.updates.emit(pending)
+                    pending, last = [], time.monotonic()
+        except EdgeMSError as err:
+            self.failed.emit(str(err))
+        except Exception as err:  # a window must not die on a bug: say it and stay usable
+            self.failed.emit(f"{type(err).__name__}: {err}")
+
+
+def score_color(score: float) -> QColor:
+    """Red (0) through amber to green (1)."""
+    return QColor.fromHsvF(max(0.0, min(1.0, score)) * 0.33, 0.8, 0.85)
+
+
+class StepBars(QWidget):
+    """One bar per scored step, its height and colour the step score; a dashed line marks 0.5."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scores: list[float] = []
+        self.setFixedHeight(56)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+
+    def paintEvent(self, _event) -> None:
+        p = QPainter(self)
+        w, h = self.width(), self.height()
+        p.fillRect(0, 0, w, h, QColor("#f4f5f7"))
+        labels = (w - 4) // max(1, len(self.scores)) >= 30  # room to print each score above its bar
+        top, bottom = (15 if labels else 3), h - 3
+        # Wide bars while there are few steps; once they no longer fit, the latest ones.
+        pitch = max(6, min(34, (w - 4) // max(1, len(self.scores))))
+        shown = self.scores[-max(1, (w - 4) // pitch) :]
+        small = QFont(self.font())
+        small.setPointSize(7)
+        p.setFont(small)
+        for i, s in enumerate(shown):
+            bar = max(2.0, s * (bottom - top))
+            rect = QRectF(2 + i * pitch, bottom - bar, pitch - 2, bar)
+            p.fillRect(rect, score_color(s))
+            if labels:
+                p.setPen(QColor("#202124"))
+                p.drawText(QRectF(rect.x(), 1, rect.width(), 13), Qt.AlignmentFlag.AlignCenter, f"{s:.2f}")
+        p.setPen(QPen(QColor("#9aa0a6"), 1, Qt.PenStyle.DashLine))
+        mid = (top + bottom) // 2
+        p.drawLine(0, mid, w, mid)
+        if not self.scores:
+            p.setPen(QColor("#80868b"))
+            p.drawText(self.rect(), Qt.AlignmentFlag.AlignCenter, "no scored step yet")
+        p.end()
+
+
+@dataclass
+class CardState:
+    tokens: int = 0
+    steps: list[float] = field(default_factory=list)
+    score: float = 0.0
+    state: str = "running"
+    text: bytearray = field(default_factory=bytearray)
+
+
+class TrajectoryCard(QFrame):
+    """One trajectory: a header with its counts and score, its step scores, its text."""
+
+    def __init__(self, index: int, mono: QFont) -> None:
+        super().__init__()
+        self.index = index
+        self.s = CardState()
+        self.chosen = False
+        self.leading = False
+        self.dirty = True
+        self.setObjectName("card")
+        self.header = QLabel()
+        self.header.setTextFormat(Qt.TextFormat.RichText)
+        self.bars = StepBars()
+        self.body = QPlainTextEdit()
+        self.body.setReadOnly(True)
+        self.body.setFont(mono)
+        self.body.setMinimumHeight(110)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(8, 6, 8, 8)
+        lay.addWidget(self.header)
+        lay.addWidget(self.bars)
+        lay.addWidget(self.body)
+        self._style()
+        self.refresh()
+
+    def apply(self, u: Update) -> None:
+        s = self.s
+        if u.kind == "token":
+            s.tokens = u.n_tokens
+            s.text += u.piece
+        elif u.kind == "step":
+            s.steps.append(u.step_score)
+            s.score = u.score
+        elif u.kind == "finish":
+            s.score = u.score
+            s.state = u.finish_reason or "done"
+        self.dirty = True
+
+    def finalize(self, cand) -> None:
+        """Take the final values from the Result (the text without a stop string, the exact scores)."""
+        self.s = CardState(
+            len(cand.token_ids),
+            list(cand.step_scores),
+            cand.score,
+            cand.finish_reason,
+            bytearray(cand.text.encode()),
+        )
+        self.dirty = True
+
+    def set_flags(self, chosen: bool, leading: bool) -> None:
+        if (chosen, leading) != (self.chosen, self.leading):
+            self.chosen, self.leading = chosen, leading
+            self._style()
+            self.dirty = True
+
+    def _style(self) -> None:
+        if self.chosen:
+            css = "QFrame#card { border: 3px solid #2e7d32; border-radius: 6px; background: #e8f5e9; }"
+        elif self.leading:
+            css = "QFrame#card { border: 2px solid #1a73e8; border-radius: 6px; background: #f1f6fe; }"
+        else:
+            css = "QFrame#card { border: 1px solid #c4c7c5; border-radius: 6px; background: white; }"
+        self.setStyleSheet(css)
+
+    def header_text(self) -> str:
+        s = self.s
+        badge = ""
+        if self.chosen:
+            badge = "<span style='color:#1b5e20; font-weight:bold'>&#10004; chosen</span> &middot; "
+        elif self.leading:
+            badge = "<span style='color:#1a73e8'>&#9650; leading</span> &middot; "
+        last = f"{s.steps[-1]:.3f}" if s.steps else "-"
+        color = score_color(s.score).darker(130).name() if s.steps else "#5f6368"
+        return (
+            f"{badge}<b>#{self.index}</b> &middot; {s.tokens} tokens &middot; {len(s.steps)} steps &middot; "
+            f"last step {last} &middot; <b style='color:{color}'>score {s.score:.3f}</b> &middot; "
+            f"<i>{s.state}</i>"
+        )
+
+    def refresh(self) -> None:
+        if not self.dirty:
+            return
+        self.dirty = False
+        self.header.setText(self.header_text())
+        self.bars.scores = self.s.steps
+        self.bars.update()
+        text = self.s.text.decode("utf-8", "replace")
+        if text != self.body.toPlainText():
+            self.body.setPlainText(text)
+            bar = self.body.verticalScrollBar()
+            bar.setValue(bar.maximum())
+
+
+class MainWindow(QMainWindow):
+    _start = Signal(object)
+    _load = Signal(object)
+
+    def __init__(self, reasoner=None, model_spec: dict | None = None) -> None:
+        super().__init__()
+        self.setWindowTitle("edge_ms - reflective reasoning on device")
+        self.cards: list[TrajectoryCard] = []
+        self.result = None
+        self.error: str | None = None
+        self.busy = False
+        self.ready = reasoner is not None
+        self._mono = QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont)
+        self._mono.setPointSize(9)
+
+        self.prompt = QPlainTextEdit()
+        self.prompt.setPlaceholderText("Ask a question…")
+        self.prompt.setFixedHeight(64)
+        self.effort = QComboBox()
+        for mode, n in MODES.items():
+            self.effort.addItem(f"{mode} · {n} trajectories", mode)
+        self.effort.setCurrentIndex(list(MODES).index("medium"))
+        self.max_tokens = QSpinBox()
+        self.max_tokens.setRange(8, 32768)
+        self.max_tokens.setValue(512)
+        self.max_tokens.setPrefix("max ")
+        self.max_tokens.setSuffix(" tokens")
+        self.seed = QSpinBox()
+        self.seed.setRange(-1, 2**31 - 1)
+        self.seed.setSpecialValueText("random seed")  # shown at -1
+        self.seed.setPrefix("seed ")
+        self.seed.setValue(-1)
+        self.ask_button = QPushButton("Ask")
+        self.ask_button.setDefault(True)
+        self.cancel_button = QPushButton("Cancel")
+        self.ask_button.clicked.connect(lambda: self.ask())
+        self.cancel_button.clicked.connect(self.cancel)
+
+        controls = QHBoxLayout()
+        controls.addWidget(QLabel("Effort"))
+        controls.addWidget(self.effort)
+        controls.addWidget(self.max_tokens)
+        controls.addWidget(self.seed)
+        controls.addStretch(1)
+        controls.addWidget(self.ask_button)
+        controls.addWidget(self.cancel_button)
+
+        self.grid_host = QWidget()
+        self.grid = QGridLayout(self.grid_host)
+        self.grid.setSpacing(8)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setWidget(self.grid_host)
+
+        self.answer_title = QLabel("<b>Answer</b>")
+        self.answer = QPlainTextEdit()
+        self.answer.setReadOnly(True)
+        self.answer.setFixedHeight(90)
+
+        root = QWidget()
+        lay = QVBoxLayout(root)
+        lay.addWidget(self.prompt)
+        lay.addLayout(controls)
+        lay.addWidget(scroll, 1)
+        lay.addWidget(self.answer_title)
+        lay.addWidget(self.answer)
+        self.setCentralWidget(root)
+        self.resize(1100, 760)
+
+        self._thread = QThread(self)
+        self.worker = Worker(reasoner)
+        self.worker.moveToThread(self._thread)
+        self._start.connect(self.worker.run)
+        self._load.connect(self.worker.load)
+        self.worker.loaded.connect(self._on_loaded)
+        self.worker.updates.connect(self._on_updates)
+        self.worker.finished.connect(self._on_finished)
+        self.worker.failed.connect(self._on_failed)
+        self._thread.start()
+        self._timer = QTimer(self)
+        self._timer.timeout.connect(self._refresh)
+        self._timer.start(50)
+        self._set_busy(False)
+        if reasoner is None:
+            self.statusBar().showMessage("loading the model…")
+            self.ask_button.setEnabled(False)
+            self._load.emit(model_spec or {})
+        else:
+            self.statusBar().showMessage(f"model: {reasoner.model.path.name}")
+
+    # -- actions ---------------------------------------------------------------
+
+    def ask(
+        self,
+        prompt: str | None = None,
+        mode: str | None = None,
+        max_new_tokens: int | None = None,
+        seed: int | None = None,
+    ) -> bool:
+        """Start a generation (arguments default to the window's controls); False if one is running."""
+        if self.busy or not self.ready:
+            return False
+        if prompt is not None:
+            self.prompt.setPlainText(prompt)
+        if mode is not None:
+            self.effort.setCurrentIndex(list(MODES).index(mode))
+        if max_new_tokens is not None:
+            self.max_tokens.setValue(max_new_tokens)
+        if seed is not None:
+            self.seed.setValue(seed)
+        text = self.prompt.toPlainText().strip()
+        if not text:
+            self.statusBar().showMessage("type a question first")
+            return False
+        mode = self.effort.currentData()
+        self._reset_cards(MODES[mode])
+        self.result, self.error = None, None
+        self.answer.setPlainText("")
+        self.answer_title.setText("<b>Answer</b> (generating…)")
+        self._t0 = time.monotonic()
+        self._set_busy(True)
+        self.statusBar().showMessage(f"sampling {MODES[mode]} trajectories…")
+        seed = self.seed.value()
+        self.worker.arm()
+        self._start.emit(Request(text, mode, self.max_tokens.value(), None if seed < 0 else seed))
+        return True
+
+    def cancel(self) -> None:
+        if self.busy:
+            self.worker.cancel()
+            self.statusBar().showMessage("cancelling…")
+
+    def _set_busy(self, busy: bool) -> None:
+        self.busy = busy
+        self.ask_button.setEnabled(not busy and self.ready)
+        self.cancel_button.setEnabled(busy)
+        self.effort.setEnabled(not busy)
+        self.max_tokens.setEnabled(not busy)
+        self.seed.setEnabled(not busy)
+
+    def _reset_cards(self, n: int) -> None:
+        for card in self.cards:
+            self.grid.removeWidget(card)
+            card.deleteLater()
+        cols = 1 if n == 1 else 2 if n <= 8 else 4
+        self.cards = [TrajectoryCard(i, self._mono) for i in range(n)]
+        for i, card in enumerate(self.cards):
+            self.grid.addWidget(card, i // cols, i % cols)
+
+    # -- from the worker -------------------------------------------------------
+
+    @Slot(str)
+    def _on_loaded(self, name: str) -> None:
+        self.ready = True
+        self._set_busy(False)
+        self.statusBar().showMessage(f"model: {name}")
+
+    @Slot(list)
+    def _on_updates(self, updates: list) -> None:
+        for u in updates:
+            if 0 <= u.index < len(self.cards):
+                self.cards[u.index].apply(u)
+        if self.cards:
+            lead = max(self.cards, key=lambda c: (bool(c.s.steps), c.s.score))
+            for c in self.cards:
+                c.set_flags(False, c is lead and bool(c.s.steps))
+
+    @Slot(object)
+    def _on_finished(self, result) -> None:
+        self.result = result
+        self._set_busy(False)
+        for cand in result.candidates:
+            self.cards[cand.index].finalize(cand)
+        for c in self.cards:
+            c.set_flags(c.index == result.selected, False)
+        self._refresh()
+        took = time.monotonic() - self._t0
+        st = result.stats
+        if result.selected < 0:
+            for c in self.cards:
+                c.s.state, c.dirty = "cancelled", True
+            self._refresh()
+            self.answer_title.setText("<b>Answer</b>: cancelled before the first token")
+        else:
+            best = result.best
+            self.answer_title.setText(
+                f"<b>Answer</b> from trajectory #{best.index}, score {best.score:.3f} "
+                f"({len(best.step_scores)} steps, {best.finish_reason})"
+            )
+            self.answer.setPlainText(result.answer or best.text)
+        rate = st.generated_tokens / st.total_s if st.total_s else 0.0
+        self.statusBar().showMessage(
+            f"{st.generated_tokens} tokens in {took:.1f} s ({rate:.0f} tokens/s over {result.n} trajectories)"
+        )
+
+    @Slot(str)
+    def _on_failed(self, message: str) -> None:
+        self.error = message
+        self._set_busy(False)
+        self.answer_title.setText("<b>Answer</b>: error")
+        self.answer.setPlainText(message)
+        self.statusBar().showMessage(f"error: {message}")
+
+    def _refresh(self) -> None:
+        for c in self.cards:
+            c.refresh()
+
+    def closeEvent(self, event) -> None:
+        self.worker.cancel()
+        self._thread.quit()
+        self._thread.wait()
+        if self.worker.reasoner is not None:
+            self.worker.reasoner.close()
+            self.worker.reasoner = None
+        super().closeEvent(event)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description="edge_ms desktop: N reasoning trajectories, scored step by step."
+    )
+    ap.add_argument(
+        "--model", "-m", default=None, help="Model directory, store name or GGUF (default: embedded)."
+    )
+    ap.add_argument("--head", default=None, help="SPRM head (.sprm.onnx) when --model is a bare GGUF.")
+    ap.add_argument("--quant", default=None, help="Which GGUF of the model to use.")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores).")
+    args = ap.parse_args(argv)
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    win = MainWindow(model_spec=vars(args))
+    # Deleted when closed, while the QApplication still exists (not at interpreter exit).
+    win.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+    win.show()
+    return app.exec()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
