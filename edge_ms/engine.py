@@ -115,8 +115,9 @@ def _sampler(params: SamplingParams, n_vocab: int, seed: int):
     if params.temperature <= 0:
         add(chain, llama_cpp.llama_sampler_init_greedy())
         return chain
-    add(chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+    # Temperature before top-p, as in the published (vLLM / transformers) sampling.
     add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
+    add(chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
     add(chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
     return chain
 
