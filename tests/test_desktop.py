@@ -88,7 +88,9 @@ def test_one_question_end_to_end(window, qapp, tmp_path):
         assert card.bars.scores == card.s.steps
         assert f"{len(cand.token_ids)} tokens" in header and f"{len(cand.step_scores)} steps" in header
         assert f"score {cand.score:.3f}" in header and cand.finish_reason in header
-        assert card.body.toPlainText() == cand.text
+        # The card holds exactly the trajectory's text; Qt may render control bytes of the
+        # random fixture text differently (a lone \r becomes a line break), so check the held text.
+        assert card.s.text.decode("utf-8", "replace") == cand.text
 
     chosen = [c for c in win.cards if c.chosen]
     assert [c.index for c in chosen] == [res.selected]
@@ -112,7 +114,8 @@ def test_one_question_end_to_end(window, qapp, tmp_path):
 
 def test_cancel_stops_the_trajectories(window, qapp):
     win = window
-    assert win.ask("Count to a million.", mode="low", max_new_tokens=3000, seed=1)
+    # 32 trajectories: the fixture ends a trajectory now and then, but not all 32 within 3000 tokens.
+    assert win.ask("Count to a million.", mode="high", max_new_tokens=3000, seed=1)
     wait_until(qapp, lambda: any(c.s.tokens >= 5 for c in win.cards) or not win.busy)
     assert win.busy, "generation ended before it could be cancelled"
     win.cancel_button.click()
