@@ -145,7 +145,9 @@ def test_stream_carries_progress_then_the_same_answer(server):
     content = "".join(c.choices[0].delta.content or "" for c in with_choice)
     thinking = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in with_choice)
     assert content == whole.choices[0].message.content
-    assert thinking and thinking == whole.choices[0].message.reasoning_content
+    # A random fixture trajectory may never close its think block; then there is no thinking to split off.
+    assert thinking == (whole.choices[0].message.reasoning_content or "")
+    assert content or thinking
     final = with_choice[-1]
     assert final.choices[0].finish_reason == whole.choices[0].finish_reason
     assert final.edge_ms["candidates"] == whole.edge_ms["candidates"]

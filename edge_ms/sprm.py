@@ -1,0 +1,285 @@
+"""Adapting an SPRM head to a backbone and a domain: sample with the runtime, label, train, export.
+
+``train_sprm`` is what ``edge-ms train-sprm`` runs. Trajectories are sampled by the same
+engine and the same tap that serve users, so the head trains on exactly the hidden states it
+will see; each trajectory is labelled by whether its final answer is right (math-verify),
+truncated ones are left out (REFERENCE.md section 4), and the head is trained with the SPR
+loss in numpy (``edge_ms.train``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_ms.engine import Engine, SamplingParams
+from edge_ms.errors import EdgeMSError, fail
+from edge_ms.head import HeadSpec, load_head, write_head
+from edge_ms.model import DeviceSettings, Model
+from edge_ms.select import best_of_n, majority_vote, weighted_vote
+from edge_ms.tasks import Problem, chat_messages, extract_answer, is_correct
+from edge_ms.train import EpochLog, auc, init_head, plot_scores, train_head
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sample:
+    """One trajectory of one problem, as training and evaluation need it."""
+
+    problem: int
+    text: str
+    finish_reason: str
+    correct: bool
+    answer_key: str | None
+    rows: np.ndarray  # [steps, c] hidden states of the scored positions
+    n_tokens: int
+    score: float = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason == "stop"
+
+
+def default_spec(model: Model, delimiter: str | None = None, layer: int | None = None) -> HeadSpec:
+    """The spec of a new head for ``model``: its think markers if it has them, and its step delimiter.
+
+    MetaStone models delimit steps with ".\\n\\n" inside a think block; a plain chat model
+    (such as the embedded default) writes one step per line, so the newline is the default there.
+    """
+    think_start = _single_token(model, "<think>")
+    think_end = _single_token(model, "</think>")
+    if delimiter is None:
+        delimiter = ".\n\n" if think_start is not None else "\n"
+    ids = model.tokenize(delimiter, parse_special=False)
+    if len(ids) != 1:
+        raise EdgeMSError(f"--delimiter {delimiter!r}: must be a single token of {model.path.name}, got {ids}")
+    layer = model.n_layer - 2 if layer is None else layer
+    if not 0 <= layer < model.n_layer:
+        raise EdgeMSError(f"--layer {layer}: {model.path.name} has {model.n_layer} layers")
+    return HeadSpec(layer, model.n_embd, tuple(ids), think_start, think_end, model.fingerprint)
+
+
+def _single_token(model: Model, text: str) -> int | None:
+    ids = model.tokenize(text, parse_special=True)
+    return ids[0] if len(ids) == 1 and model.token_text(ids[0]) == text else None
+
+
+def sample(
+    engine: Engine,
+    problems: Sequence[Problem],
+    n: int,
+    seed: int,
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    top_p: float = 0.95,
+    on_problem: Callable[[int, list[Sample]], None] | None = None,
+) -> list[Sample]:
+    """``n`` trajectories per problem with the engine's tap keeping the step rows."""
+    model = engine.model
+    keep = engine.keep_rows
+    engine.keep_rows = True
+    out: list[Sample] = []
+    try:
+        for i, prob in enumerate(problems):
+            ids = model.tokenize(model.apply_chat_template(chat_messages(prob)), add_special=False)
+            params = SamplingParams(temperature, top_p, 1.0, 64, seed * 100_003 + i * 101, max_new_tokens)
+            trajs = next(ev.trajectories for ev in engine.generate(ids, n, params) if ev.kind == "done")
+            got = []
+            for t in trajs:
+                text = t.decoded()
+                rows = t.step_rows()
+                got.append(
+                    Sample(i, text, t.finish_reason, is_correct(text, prob.answer), extract_answer(text),
+                           rows.reshape(-1, model.n_embd), len(t.tokens), t.score())
+                )
+            out.extend(got)
+            if on_problem is not None:
+                on_problem(i, got)
+    finally:
+        engine.keep_rows = keep
+    return out
+
+
+def arrays(samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features [m, c], step labels [m], trajectory ids [m]) of the finished trajectories with steps."""
+    feats, labels, traj = [], [], []
+    for j, s in enumerate(samples):
+        if not s.finished or len(s.rows) == 0:
+            continue  # truncated trajectories have no trustworthy label (REFERENCE.md section 4)
+        feats.append(s.rows)
+        labels.append(np.full(len(s.rows), float(s.correct)))
+        traj.append(np.full(len(s.rows), j))
+    if not feats:
+        raise EdgeMSError("no finished trajectory with a scored step: raise --max-new-tokens or check --delimiter")
+    return np.concatenate(feats).astype(np.float32), np.concatenate(labels), np.concatenate(traj)
+
+
+def rescore(samples: Sequence[Sample], score_rows: Callable[[np.ndarray], np.ndarray]) -> None:
+    """Set each sample's trajectory score from its step rows (geometric mean, clamped)."""
+    for s in samples:
+        if len(s.rows) == 0:
+            s.score = 0.0
+            continue
+        sc = np.clip(score_rows(s.rows).astype(np.float64), 1e-10, None)
+        s.score = float(np.exp(np.mean(np.log(sc))))
+
+
+def evaluate(samples: Sequence[Sample], n: int, seed: int = 0, subsets: int = 1) -> dict:
+    """Accuracy of each way to pick one of ``n`` trajectories per problem.
+
+    With more trajectories per problem than ``n``, ``subsets`` random subsets of size ``n``
+    are drawn per problem (the usual best-of-N estimate); the figures are their means.
+    """
+    by_problem: dict[int, list[Sample]] = {}
+    for s in samples:
+        by_problem.setdefault(s.problem, []).append(s)
+    rng = np.random.default_rng(seed)
+    hits = {k: [] for k in ("pass@1", "sprm_best", "majority", "sprm_weighted", "random", "oracle")}
+    for group in by_problem.values():
+        if len(group) < n:
+            raise EdgeMSError(f"evaluate: {len(group)} trajectories for a problem, need {n}")
+        draws = [range(n)] if len(group) == n else [rng.choice(len(group), n, replace=False) for _ in range(subsets)]
+        for idx in draws:
+            cands = [group[i] for i in idx]
+            hits["pass@1"].append(np.mean([c.correct for c in cands]))
+            hits["sprm_best"].append(cands[best_of_n(cands)].correct)
+            hits["majority"].append(cands[majority_vote(cands)].correct)
+            hits["sprm_weighted"].append(cands[weighted_vote(cands)].correct)
+            hits["random"].append(cands[int(rng.integers(n))].correct)
+            hits["oracle"].append(any(c.correct for c in cands))
+    out = {k: float(np.mean(v)) for k, v in hits.items()}
+    scores = np.array([s.score for s in samples])
+    labels = np.array([s.correct for s in samples], dtype=float)
+    out["auc"] = auc(scores, labels) if 0 < labels.sum() < len(labels) else float("nan")
+    out["problems"] = len(by_problem)
+    return out
+
+
+@dataclass
+class TrainConfig:
+    n: int = 8
+    seed: int = 0
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    epochs: int = 40
+    lr: float = 1e-3
+    warmup_epochs: int = 3
+    delimiter: str | None = None
+    layer: int | None = None
+
+
+@dataclass
+class TrainReport:
+    head: Path
+    log_path: Path
+    plot_path: Path | None
+    config: dict
+    train_trajectories: int
+    heldout: dict = field(default_factory=dict)
+    before: dict = field(default_factory=dict)
+    epochs: list[EpochLog] = field(default_factory=list)
+
+
+def train_sprm(
+    gguf: str | Path,
+    train_problems: Sequence[Problem],
+    heldout_problems: Sequence[Problem],
+    out: str | Path,
+    config: TrainConfig,
+    settings: DeviceSettings | None = None,
+    init: str | Path | None = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
+    on_epoch: Callable[[EpochLog], None] | None = None,
+) -> TrainReport:
+    """Sample, label, train and write ``out`` (the head), ``out``.log.json and ``out``.png."""
+    out = Path(out)
+    if not out.name.endswith(".sprm.onnx"):
+        raise fail(out, "the head file name must end in .sprm.onnx")
+    if not out.parent.is_dir():
+        raise fail(out.parent, "output directory does not exist")
+    model = Model(gguf, settings)
+    try:
+        if init is not None:
+            start = load_head(init)
+            spec, weights = start.spec, start.weights()
+            if spec.backbone_fingerprint != model.fingerprint or spec.hidden_size != model.n_embd:
+                raise fail(init, f"head belongs to another backbone than {model.path.name}")
+        else:
+            spec = default_spec(model, config.delimiter, config.layer)
+            weights = init_head(model.n_embd, config.seed)
+        with tempfile.TemporaryDirectory() as tmp:
+            boot = Path(tmp) / "start.sprm.onnx"
+            write_head(boot, weights, spec)
+            head = load_head(boot)
+            engine = Engine(model, head, keep_rows=True)
+            try:
+                def progress(phase: str, total: int):
+                    return lambda i, _got: on_progress and on_progress(phase, i + 1, total)
+
+                tr = sample(engine, train_problems, config.n, config.seed, config.max_new_tokens, config.temperature,
+                            on_problem=progress("train", len(train_problems)))
+                ho = sample(engine, heldout_problems, config.n, config.seed + 1, config.max_new_tokens,
+                            config.temperature, on_problem=progress("held-out", len(heldout_problems)))
+            finally:
+                engine.close()
+        rescore(ho, head.score)
+        before = evaluate(ho, config.n)
+        x, y, t = arrays(tr)
+        hx, hy, ht = arrays(ho)
+        trained, epochs = train_head(
+            x, y, t, init_weights=weights if init is not None else None, epochs=config.epochs, lr=config.lr,
+            seed=config.seed, warmup_epochs=config.warmup_epochs, heldout=(hx, hy, ht), on_epoch=on_epoch,
+        )
+        provenance = {"trained_by": "edge-ms train-sprm", "config": json.dumps(asdict(config))}
+        write_head(out, trained, spec, provenance=provenance)
+        final = load_head(out)
+        rescore(ho, final.score)
+        after = evaluate(ho, config.n)
+    finally:
+        model.close()
+    stem = out.name[: -len(".sprm.onnx")]
+    log_path = out.with_name(stem + ".train.json")
+    plot_path = out.with_name(stem + ".train.png")
+    report = TrainReport(out, log_path, plot_path, asdict(config), int(len(np.unique(t))), after, before, epochs)
+    _write_json(log_path, {
+        "head": str(out), "config": asdict(config), "spec": asdict(spec),
+        "train": {"problems": len(train_problems), "trajectories": len(tr),
+                  "finished": sum(s.finished for s in tr), "correct": sum(s.correct for s in tr),
+                  "used_trajectories": report.train_trajectories, "steps": int(len(y))},
+        "heldout_before": before, "heldout_after": after,
+        "epochs": [asdict(e) for e in epochs],
+    })
+    if not plot_scores(epochs, plot_path):
+        report.plot_path = None
+    return report
+
+
+def _write_json(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_finite(data), f, indent=1, default=str)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _finite(value):
+    """NaN (an empty group) is not JSON: write null."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value

@@ -1,0 +1,338 @@
+"""Tasks: the seeded arithmetic word-problem generator, JSONL task files, answer checking.
+
+The arithmetic task exists to train and test an SPRM head on a model small enough to ship
+(SmolLM2-135M-Instruct): problems are short, one reasoning step per line, and the final
+line is "The answer is N." so that correctness is checked exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_ms.errors import EdgeMSError, fail
+
+__all__ = [
+    "Problem",
+    "make_problems",
+    "chat_messages",
+    "arith_messages",
+    "load_jsonl",
+    "save_jsonl",
+    "extract_answer",
+    "is_correct",
+    "SPLITS",
+]
+
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One task: the question as the user asks it, and the reference final answer.
+
+    ``task`` picks the chat prompt (``"arith"``: few-shot, one step per line; ``"plain"``:
+    the prompt alone, e.g. AIME files whose prompts carry their own instructions).
+    ``steps`` is the worked solution of a generated problem (empty for loaded ones).
+    """
+
+    prompt: str
+    answer: str
+    task: str = "plain"
+    steps: tuple[str, ...] = ()
+
+
+# ---------------------------------------------------------------------------------------
+# The arithmetic generator.
+#
+# A problem is a canonical tuple (start, ((op, k), ...)) rendered with a name, an object
+# and one phrase per operation. Train and test are disjoint by construction: a stable hash
+# of the canonical tuple assigns every tuple to exactly one split, each split draws from
+# its own seed stream, and duplicates within a split are dropped.
+
+_NAMES = ("Tom", "Anna", "Ben", "Mia", "Sam", "Lucy", "Omar", "Nina", "Leo", "Ella", "Raj", "Zoe")
+_OBJECTS = ("apples", "marbles", "stickers", "coins", "books", "cards", "pencils", "shells", "stamps", "eggs")
+# Phrases take the amount k; {o} is the object.
+_ADD = ("buys {k} more", "finds {k} more", "gets {k} more from a friend", "is given {k} more", "wins {k} more")
+_SUB = ("gives away {k}", "loses {k}", "sells {k}", "gives {k} to a neighbour", "uses {k}")
+_MUL = {2: ("doubles them",), 3: ("triples them",)}
+
+_TEST_SHARE = 5  # one canonical tuple in _TEST_SHARE belongs to the test split
+
+
+@dataclass(frozen=True)
+class ArithConfig:
+    """The difficulty of generated problems."""
+
+    min_ops: int = 2
+    max_ops: int = 2
+    start_range: tuple[int, int] = (2, 30)
+    k_range: tuple[int, int] = (1, 20)
+    ops: tuple[str, ...] = ("+", "-")  # any of "+", "-", "*" (doubles / triples)
+
+
+DEFAULT_ARITH = ArithConfig()
+
+
+def _split_of(key: tuple) -> str:
+    digest = hashlib.sha256(repr(key).encode()).digest()
+    return "test" if digest[0] % _TEST_SHARE == 0 else "train"
+
+
+def _draw_key(rng: random.Random, cfg: ArithConfig) -> tuple | None:
+    """A random canonical problem, or None when the draw ran out of allowed operations."""
+    start = rng.randint(*cfg.start_range)
+    value = start
+    ops = []
+    for _ in range(rng.randint(cfg.min_ops, cfg.max_ops)):
+        # Only operations that keep every intermediate result a small non-negative integer.
+        choices = [
+            op for op in cfg.ops if (op != "-" or value >= cfg.k_range[0]) and (op != "*" or value <= 30)
+        ]
+        if not choices:
+            return None
+        op = rng.choice(choices)
+        if op == "+":
+            k = rng.randint(*cfg.k_range)
+            value += k
+        elif op == "-":
+            k = rng.randint(cfg.k_range[0], min(value, cfg.k_range[1]))
+            value -= k
+        else:
+            k = rng.choice((2, 3))
+            value *= k
+        ops.append((op, k))
+    return (start, tuple(ops))
+
+
+def _solve(key: tuple) -> tuple[int, tuple[str, ...]]:
+    value, ops = key
+    lines = []
+    for op, k in ops:
+        new = value + k if op == "+" else value - k if op == "-" else value * k
+        sym = {"+": "+", "-": "-", "*": "*"}[op]
+        lines.append(f"{value} {sym} {k} = {new}.")
+        value = new
+    return value, tuple(lines)
+
+
+def _render(key: tuple, rng: random.Random) -> str:
+    start, ops = key
+    name = rng.choice(_NAMES)
+    obj = rng.choice(_OBJECTS)
+    phrases = []
+    for op, k in ops:
+        table = _ADD if op == "+" else _SUB if op == "-" else _MUL[k]
+        phrases.append(rng.choice(table).format(k=k, o=obj))
+    if len(phrases) == 1:
+        actions = phrases[0]
+    else:
+        actions = ", ".join(phrases[:-1]) + " and then " + phrases[-1]
+    return f"{name} has {start} {obj}. {name} {actions}. How many {obj} does {name} have now?"
+
+
+def make_problems(split: str, n: int, seed: int, config: ArithConfig = DEFAULT_ARITH) -> list[Problem]:
+    """``n`` distinct arithmetic word problems of ``split`` ("train" or "test").
+
+    The same (split, n, seed, config) always gives the same problems; no test problem's
+    arithmetic (start value and operations) ever appears in a train split, whatever the seeds.
+    """
+    if split not in SPLITS:
+        raise EdgeMSError(f"arith: unknown split {split!r} (expected one of {', '.join(SPLITS)})")
+    if n < 0:
+        raise EdgeMSError(f"arith: number of problems must be >= 0, got {n}")
+    bad_ops = set(config.ops) - {"+", "-", "*"}
+    if not config.ops or bad_ops:
+        raise EdgeMSError(f"arith: operations must be some of +, -, * (got {', '.join(config.ops) or 'none'})")
+    if not 1 <= config.min_ops <= config.max_ops:
+        raise EdgeMSError(f"arith: need 1 <= min_ops <= max_ops, got {config.min_ops} and {config.max_ops}")
+    for name, (lo, hi) in (("start_range", config.start_range), ("k_range", config.k_range)):
+        if not 0 <= lo <= hi:
+            raise EdgeMSError(f"arith: {name} must be 0 <= low <= high, got {lo}..{hi}")
+    rng = random.Random(f"edge_ms-arith-{split}-{seed}")
+    seen: set[tuple] = set()
+    out: list[Problem] = []
+    tries = 0
+    while len(out) < n:
+        tries += 1
+        if tries > 200 * n + 10_000:
+            raise EdgeMSError(f"arith: only {len(out)} distinct {split} problems found, {n} asked for")
+        key = _draw_key(rng, config)
+        if key is None or key in seen or _split_of(key) != split:
+            continue
+        seen.add(key)
+        answer, steps = _solve(key)
+        out.append(Problem(prompt=_render(key, rng), answer=str(answer), task="arith", steps=steps))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Chat prompts. The runtime applies the GGUF's chat template to these messages.
+
+_ARITH_INSTRUCTION = "Solve the problem. Write one calculation per line, then write: The answer is N."
+
+# Worked examples shown before the question (fixed, so every run sees the same prompt).
+_SHOTS = (
+    (
+        "Tom has 23 apples. Tom buys 15 more and then gives away 9. How many apples does Tom have now?",
+        ("23 + 15 = 38.", "38 - 9 = 29."),
+        "29",
+    ),
+    (
+        "Mia has 12 cards. Mia loses 5, finds 7 more and then sells 3. How many cards does Mia have now?",
+        ("12 - 5 = 7.", "7 + 7 = 14.", "14 - 3 = 11."),
+        "11",
+    ),
+)
+
+
+def arith_messages(question: str) -> list[dict[str, str]]:
+    """The few-shot chat that asks for one calculation per line and a final answer line."""
+    messages: list[dict[str, str]] = []
+    for q, steps, ans in _SHOTS:
+        messages.append({"role": "user", "content": f"{_ARITH_INSTRUCTION}\n{q}"})
+        messages.append({"role": "assistant", "content": "\n".join(steps) + f"\nThe answer is {ans}."})
+    messages.append({"role": "user", "content": f"{_ARITH_INSTRUCTION}\n{question}"})
+    return messages
+
+
+def chat_messages(problem: Problem) -> list[dict[str, str]]:
+    """The messages that pose ``problem`` to a chat model."""
+    if problem.task == "arith":
+        return arith_messages(problem.prompt)
+    return [{"role": "user", "content": problem.prompt}]
+
+
+# ---------------------------------------------------------------------------------------
+# JSONL task files: one {"prompt": ..., "answer": ...} object per line (optional "task").
+
+
+def load_jsonl(path: str | os.PathLike) -> list[Problem]:
+    """Read a task file; a bad line raises EdgeMSError naming the file and the line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise fail(path, "no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise fail(path, f"cannot read task file ({err.__class__.__name__}: {err})") from None
+    problems = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise fail(path, f"line {lineno}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise fail(path, f"line {lineno}: expected a JSON object, got {type(row).__name__}")
+        for field in ("prompt", "answer"):
+            if field not in row:
+                raise fail(path, f"line {lineno}: missing field {field!r}")
+        prompt, answer = row["prompt"], row["answer"]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise fail(path, f"line {lineno}: 'prompt' must be a non-empty string")
+        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+            raise fail(path, f"line {lineno}: 'answer' must be a string or a number")
+        task = row.get("task", "plain")
+        if task not in ("plain", "arith"):
+            raise fail(path, f"line {lineno}: unknown task {task!r} (expected 'plain' or 'arith')")
+        problems.append(Problem(prompt=prompt, answer=str(answer).strip(), task=task))
+    if not problems:
+        raise fail(path, "no problems in task file")
+    return problems
+
+
+def save_jsonl(path: str | os.PathLike, problems: list[Problem]) -> None:
+    """Write ``problems`` as a task file, atomically (a temp file in the same folder, then rename)."""
+    path = Path(path)
+    lines = [json.dumps({"prompt": p.prompt, "answer": p.answer, "task": p.task}) for p in problems]
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------------
+# Answers.
+
+_ANSWER_RE = re.compile(r"answer is\s*:?\s*\$?\s*(-?[0-9][0-9,]*(?:\.[0-9]+)?)", re.IGNORECASE)
+_MAX_ANSWER_CHARS = 200  # longer "answers" are junk; also bounds the work math-verify does
+
+
+def _last_boxed(text: str) -> str | None:
+    """The content of the last \\boxed{...} (balanced braces), or None."""
+    start = text.rfind("\\boxed")
+    while start != -1:
+        i = start + len("\\boxed")
+        while i < len(text) and text[i] == " ":
+            i += 1
+        if i < len(text) and text[i] == "{":
+            depth = 0
+            for j in range(i, len(text)):
+                if text[j] == "{":
+                    depth += 1
+                elif text[j] == "}":
+                    depth -= 1
+                    if depth == 0:
+                        return text[i + 1 : j].strip()
+        start = text.rfind("\\boxed", 0, start)
+    return None
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer stated in ``text``: the last "The answer is N" or the last \\boxed{...}.
+
+    Whichever of the two comes last in the text wins; None when there is neither.
+    """
+    if not isinstance(text, str):
+        return None
+    candidates: list[tuple[int, str]] = []
+    matches = list(_ANSWER_RE.finditer(text))
+    if matches:
+        m = matches[-1]
+        candidates.append((m.start(), m.group(1).replace(",", "")))
+    boxed_at = text.rfind("\\boxed")
+    boxed = _last_boxed(text)
+    if boxed:
+        candidates.append((boxed_at, boxed))
+    if not candidates:
+        return None
+    answer = max(candidates)[1]
+    if not answer or len(answer) > _MAX_ANSWER_CHARS:
+        return None
+    return answer
+
+
+def is_correct(text: str, answer: str) -> bool:
+    """Whether the final answer stated in ``text`` equals ``answer`` (math-verify equivalence)."""
+    got = extract_answer(text)
+    if got is None:
+        return False
+    gold = str(answer).strip()
+    if got == gold:
+        return True
+    from math_verify import parse, verify
+
+    # math-verify's timeouts use SIGALRM, which only the main thread may set; off the main
+    # thread (the HTTP server's workers) run without, relying on the length cap above.
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    try:
+        gold_parsed = parse(f"${gold}$", parsing_timeout=timeout)
+        got_parsed = parse(f"${got}$", parsing_timeout=timeout)
+        if not gold_parsed or not got_parsed:
+            return False
+        return bool(verify(gold_parsed, got_parsed, timeout_seconds=timeout))
+    except Exception:  # math-verify raises on junk it cannot parse; junk is simply wrong
+        return False
