@@ -258,5 +258,86 @@ def plan_cmd(model, quant, shape, memory, mode, n, max_new_tokens, kv_type, prom
     Console(width=max(Console().width, 100)).print(plan_table(p))
 
 
+
+@main.command("train-sprm")
+@click.option("--model", "-m", default=None, help="GGUF file, model directory or store name (default: embedded model).")
+@click.option("--task", default="arith", show_default=True, help="arith, or a JSONL file with prompt/answer lines.")
+@click.option("--output", "-o", required=True, help="Where to write the head (NAME.sprm.onnx).")
+@click.option("--train-problems", type=int, default=200, show_default=True)
+@click.option("--heldout-problems", type=int, default=100, show_default=True)
+@click.option("--n", "n", type=int, default=8, show_default=True, help="Trajectories sampled per problem.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--temperature", type=float, default=0.7, show_default=True)
+@click.option("--epochs", type=int, default=40, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--delimiter", default=None, help='Step delimiter text, one token (default ".\\n\\n" with think markers, else "\\n").')
+@click.option("--layer", type=int, default=None, help="Tapped layer (default n_layer - 2).")
+@click.option("--init", "init", default=None, help="Start from this head instead of a fresh one.")
+@click.option("--threads", type=int, default=None)
+@click.option("--force", is_flag=True, help="Overwrite an existing head file.")
+@_one_line_errors
+def train_sprm_cmd(model, task, output, train_problems, heldout_problems, n, seed, max_new_tokens, temperature,
+                   epochs, lr, delimiter, layer, init, threads, force) -> None:
+    """Train an SPRM head on the frozen backbone from final-answer correctness alone (SPR loss)."""
+    from pathlib import Path
+
+    from rich.progress import Progress
+
+    from edge_ms.model import DeviceSettings
+    from edge_ms.sprm import TrainConfig, train_sprm
+    from edge_ms.tasks import load_jsonl, make_problems
+
+    out = Path(output)
+    if out.exists() and not force:
+        raise EdgeMSError(f"{out}: already exists (use --force to replace it)")
+    gguf = _resolve_gguf(model)
+    if task == "arith":
+        train = make_problems("train", train_problems, seed)
+        heldout = make_problems("test", heldout_problems, seed)
+    else:
+        problems = load_jsonl(task)
+        cut = max(1, int(len(problems) * 0.8))
+        train, heldout = problems[:cut][:train_problems], problems[cut:][:heldout_problems]
+        if not heldout:
+            raise EdgeMSError(f"{task}: too few problems to hold some out for evaluation")
+    config = TrainConfig(n, seed, max_new_tokens, temperature, epochs, lr, delimiter=delimiter, layer=layer)
+    with Progress(transient=True) as bar:
+        tasks: dict[str, object] = {}
+
+        def on_progress(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(f"sampling {phase} ({n} per problem)", total=total)
+            bar.update(tasks[phase], completed=done)
+
+        def on_epoch(e) -> None:
+            if "train" not in tasks:
+                tasks["train"] = bar.add_task("training", total=epochs)
+            bar.update(tasks["train"], completed=e.epoch)
+
+        report = train_sprm(gguf, train, heldout, out, config, DeviceSettings(n_threads=threads), init,
+                            on_progress, on_epoch)
+    b, a = report.before, report.heldout
+    click.echo(f"head: {report.head}  log: {report.log_path}  plot: {report.plot_path}")
+    click.echo(f"held-out ({a['problems']} problems, N={n}): pass@1 {a['pass@1']:.3f}  oracle {a['oracle']:.3f}  "
+               f"majority {a['majority']:.3f}")
+    click.echo(f"  SPRM best-of-{n}: {b['sprm_best']:.3f} before training -> {a['sprm_best']:.3f} after  "
+               f"(weighted vote {a['sprm_weighted']:.3f}, random pick {a['random']:.3f}, AUC {a['auc']:.3f})")
+
+
+def _resolve_gguf(model):
+    from pathlib import Path
+
+    if model is None:
+        from edge_ms.default_model import default_model_files
+
+        return default_model_files()[0]
+    if Path(model).is_file():
+        return Path(model)
+    from edge_ms.store import resolve_model
+
+    return resolve_model(model).gguf
+
+
 if __name__ == "__main__":
     main()

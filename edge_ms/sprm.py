@@ -233,10 +233,11 @@ def train_sprm(
         rescore(ho, head.score)
         before = evaluate(ho, config.n)
         x, y, t = arrays(tr)
-        hx, hy, ht = arrays(ho)
+        # The held-out curve is optional: a tiny held-out set may have no finished trajectory.
+        held = arrays(ho) if any(s.finished and len(s.rows) for s in ho) else None
         trained, epochs = train_head(
             x, y, t, init_weights=weights if init is not None else None, epochs=config.epochs, lr=config.lr,
-            seed=config.seed, warmup_epochs=config.warmup_epochs, heldout=(hx, hy, ht), on_epoch=on_epoch,
+            seed=config.seed, warmup_epochs=config.warmup_epochs, heldout=held, on_epoch=on_epoch,
         )
         provenance = {"trained_by": "edge-ms train-sprm", "config": json.dumps(asdict(config))}
         write_head(out, trained, spec, provenance=provenance)

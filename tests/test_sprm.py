@@ -1,0 +1,57 @@
+"""`edge-ms train-sprm` end to end on a fixture model, and the evaluation arithmetic."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edge_ms.head import load_head
+from edge_ms.sprm import Sample, arrays, evaluate
+
+
+def _s(problem, correct, score, answer="1", finish="stop", steps=1):
+    return Sample(problem, "", finish, correct, answer, np.ones((steps, 4), np.float32), 10, score)
+
+
+def test_evaluate_counts_each_way_of_picking():
+    samples = [
+        _s(0, True, 0.9, "5"), _s(0, False, 0.2, "6"), _s(0, False, 0.3, "6"), _s(0, False, 0.1, "6"),
+        _s(1, False, 0.8, "2"), _s(1, True, 0.4, "3"), _s(1, True, 0.5, "3"), _s(1, False, 0.1, "4"),
+    ]
+    ev = evaluate(samples, 4)
+    assert ev["pass@1"] == pytest.approx((1 / 4 + 2 / 4) / 2)
+    assert ev["sprm_best"] == 0.5  # problem 0 right (0.9), problem 1 wrong (0.8)
+    assert ev["majority"] == 0.5  # problem 0 votes "6" (wrong), problem 1 votes "3" (right)
+    assert ev["sprm_weighted"] == 1.0  # "5": 0.9 > "6": 0.6; "3": 0.9 > "2": 0.8
+    assert ev["oracle"] == 1.0
+    assert 0.0 <= ev["auc"] <= 1.0
+
+
+def test_arrays_leave_out_truncated_trajectories():
+    x, y, t = arrays([_s(0, True, 0.5, steps=2), _s(0, False, 0.5, finish="length", steps=3), _s(1, False, 0.5)])
+    assert x.shape == (3, 4) and list(y) == [1, 1, 0] and list(t) == [0, 0, 2]
+
+
+def test_train_sprm_cli_writes_head_log_and_plot(converted, tmp_path):
+    model_dir = converted("tiny-qwen2", "f32")
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n" for i in range(10)))
+    out = tmp_path / "mine.sprm.onnx"
+    cmd = [sys.executable, "-m", "edge_ms.cli", "train-sprm", "--model", str(model_dir / "tiny-qwen2-f32.gguf"),
+           "--task", str(task), "-o", str(out), "--n", "3", "--max-new-tokens", "400", "--epochs", "3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    head = load_head(out)
+    fixture_head = load_head(model_dir / "tiny-qwen2.sprm.onnx")
+    # A fresh head for a think model: ".\n\n" steps, the think markers, layer n_layer - 2, this backbone.
+    assert head.spec == fixture_head.spec
+    log = json.loads(out.with_name("mine.train.json").read_text())
+    assert len(log["epochs"]) == 4 and log["train"]["problems"] == 8
+    assert out.with_name("mine.train.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # No clobbering without --force.
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 1 and "already exists" in again.stderr
