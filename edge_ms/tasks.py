@@ -60,7 +60,13 @@ class Problem:
 _NAMES = ("Tom", "Anna", "Ben", "Mia", "Sam", "Lucy", "Omar", "Nina", "Leo", "Ella", "Raj", "Zoe")
 _OBJECTS = ("apples", "marbles", "stickers", "coins", "books", "cards", "pencils", "shells", "stamps", "eggs")
 # Phrases take the amount k; {o} is the object.
-_ADD = ("buys {k} more", "finds {k} more", "gets {k} more from a friend", "is given {k} more", "wins {k} more")
+_ADD = (
+    "buys {k} more",
+    "finds {k} more",
+    "gets {k} more from a friend",
+    "is given {k} more",
+    "wins {k} more",
+)
 _SUB = ("gives away {k}", "loses {k}", "sells {k}", "gives {k} to a neighbour", "uses {k}")
 _MUL = {2: ("doubles them",), 3: ("triples them",)}
 
@@ -155,7 +161,9 @@ def make_problems(split: str, n: int, seed: int, config: ArithConfig = DEFAULT_A
         raise EdgeMSError(f"arith: number of problems must be >= 0, got {n}")
     bad_ops = set(config.ops) - {"+", "-", "*"}
     if not config.ops or bad_ops:
-        raise EdgeMSError(f"arith: operations must be some of +, -, * (got {', '.join(config.ops) or 'none'})")
+        raise EdgeMSError(
+            f"arith: operations must be some of +, -, * (got {', '.join(config.ops) or 'none'})"
+        )
     if not 1 <= config.min_ops <= config.max_ops:
         raise EdgeMSError(f"arith: need 1 <= min_ops <= max_ops, got {config.min_ops} and {config.max_ops}")
     for name, (lo, hi) in (("start_range", config.start_range), ("k_range", config.k_range)):

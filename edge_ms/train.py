@@ -10,13 +10,22 @@ with y; kept positive and negative steps are balanced by their counts; the loss 
 weighted mean BCE-with-logits. The agreement filter and the weights are masks and
 constants: no gradient flows through them.
 
-A fresh head whose logits all have one sign keeps only the steps of one label, so it can
-only push that label further the same way and never separates the two. Two things here
-avoid that: the features are standardised and the output layer starts small, so that
-initial logits sit near zero and about half of each label's steps are kept (what a
-randomly initialised head sees), and an optional warm-up runs the balanced BCE without
-the filter for a few epochs first (the published recipe instead trains the backbone
-jointly, which moves the features too; a frozen backbone cannot).
+Why training can learn nothing, and what is done about it. The filter drops every step
+whose logit has the wrong sign, and nothing pulls a dropped step back: a head whose logits
+all have one sign keeps only that label's steps and just pushes them further (the test
+``test_one_sided_logits_learn_nothing_without_warmup`` shows it). Worse, positives weigh
+1.5 times the negatives in total, so the output bias drifts up; each negative that crosses
+zero leaves the loss for good, and on frozen features (we do not train the backbone; the
+published recipe trains it jointly, though with its gradient into the backbone scaled by
+1e-4) the run can end with every step kept positive and every score near 1. On toy data
+that is how most runs ended whose initial logits sat near zero (output layer scaled by 0.01).
+What works here: features are standardised per dimension (the standardisation is folded
+into the first layer at the end, exactly, so the head still takes raw hidden states), a
+fresh head starts with PyTorch's default init in that standardised space, so initial logits
+spread over both signs and each label starts with a random half of its steps kept, and
+``warmup_epochs`` of the class-balanced BCE without the filter can precede the SPR loss.
+On toy data the scores then stay together for some epochs and the incorrect ones drop
+suddenly, the "aha" curve the paper reports.
 """
 
 from __future__ import annotations
@@ -49,11 +58,11 @@ SCORE_FLOOR = 1e-10  # step scores are clamped to this before the geometric mean
 _POS_WEIGHT = 1.5  # the published class-balance factor for positive steps
 
 
-def init_head(c: int, seed: int, out_scale: float = 0.01) -> HeadWeights:
-    """A fresh head: PyTorch's default Linear init, with the output layer scaled by ``out_scale``.
+def init_head(c: int, seed: int, out_scale: float = 1.0) -> HeadWeights:
+    """A fresh head: PyTorch's default Linear init, the output layer scaled by ``out_scale``.
 
-    A small output layer keeps the initial logits near zero, so that the agreement filter
-    keeps about half of each label's steps at the start instead of all of one label.
+    ``train_head`` applies it to standardised features, where the default scale spreads the
+    initial logits over both signs (see the module docstring for why that matters).
     """
     rng = np.random.default_rng(seed)
     b1, b2 = 1.0 / math.sqrt(c), 1.0 / math.sqrt(2 * c)
@@ -128,7 +137,9 @@ def spr_loss_and_grads(
     float64. When no step is kept the loss is 0 and every gradient is zero.
     ``agreement_filter=False`` keeps every step (the balanced BCE alone, for warm-up).
     """
-    loss, grads, _ = _spr(params, features, labels, dropout=dropout, rng=rng, agreement_filter=agreement_filter)
+    loss, grads, _ = _spr(
+        params, features, labels, dropout=dropout, rng=rng, agreement_filter=agreement_filter
+    )
     return loss, grads
 
 
@@ -295,13 +306,17 @@ def train_head(
     ho = _split(*heldout, "heldout") if heldout is not None else None
     c = tr.features.shape[1]
     if init_weights is not None and init_weights["0.weight"].shape != (2 * c, c):
-        raise ValueError(f"init_weights: first layer is {init_weights['0.weight'].shape}, features have c={c}")
+        raise ValueError(
+            f"init_weights: first layer is {init_weights['0.weight'].shape}, features have c={c}"
+        )
 
     if standardize:
         mu, sd = _standardiser(tr.features)
         # A fresh head starts in the standardised space (that is where its init scale means
         # something); a given head is moved there exactly.
-        params = init_head(c, seed, out_scale) if init_weights is None else _to_standardised(init_weights, mu, sd)
+        params = (
+            init_head(c, seed, out_scale) if init_weights is None else _to_standardised(init_weights, mu, sd)
+        )
         tr_x = (tr.features - mu) / sd
     else:
         params = init_head(c, seed, out_scale) if init_weights is None else init_weights
@@ -352,7 +367,9 @@ def train_head(
                 m2[k] = beta2 * m2[k] + (1 - beta2) * g * g
                 update = (m1[k] / (1 - beta1**step)) / (np.sqrt(m2[k] / (1 - beta2**step)) + eps)
                 params[k] = params[k] - lr * (update + weight_decay * params[k])
-        log.append(record(epoch, float(np.mean(losses)) if losses else 0.0, kept_steps / max(1, len(tr.labels))))
+        log.append(
+            record(epoch, float(np.mean(losses)) if losses else 0.0, kept_steps / max(1, len(tr.labels)))
+        )
     return export(params), log
 
 
@@ -376,7 +393,9 @@ def plot_scores(log: list[EpochLog], path: str | os.PathLike) -> bool:
     ax.plot(epochs, [e.train_incorrect for e in log], "-", color="tab:red", label="train, incorrect")
     if any(not math.isnan(e.heldout_correct) for e in log):
         ax.plot(epochs, [e.heldout_correct for e in log], "--", color="tab:green", label="held-out, correct")
-        ax.plot(epochs, [e.heldout_incorrect for e in log], "--", color="tab:red", label="held-out, incorrect")
+        ax.plot(
+            epochs, [e.heldout_incorrect for e in log], "--", color="tab:red", label="held-out, incorrect"
+        )
     ax.set_xlabel("epoch")
     ax.set_ylabel("mean trajectory score")
     ax.set_ylim(0.0, 1.0)

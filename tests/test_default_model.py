@@ -72,7 +72,9 @@ def test_missing_wheel_is_a_one_line_error():
         "print(json.dumps([found, msg]))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", code], capture_output=True, text=True, env=env, cwd=REPO
+    )
     assert out.returncode == 0, out.stderr
     found, msg = json.loads(out.stdout)
     assert found is None

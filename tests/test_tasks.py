@@ -10,7 +10,9 @@ import pytest
 
 from edge_ms.errors import EdgeMSError
 from edge_ms.tasks import (
+    ArithConfig,
     Problem,
+    arith_messages,
     chat_messages,
     extract_answer,
     is_correct,
@@ -27,16 +29,49 @@ def _canonical(p: Problem) -> tuple[str, ...]:
     return p.steps
 
 
+WIDE = ArithConfig(min_ops=2, max_ops=4, start_range=(1, 30), k_range=(1, 20))
+
+
 def test_train_and_test_never_share_a_problem():
-    train = make_problems("train", 5000, seed=0)
-    test = make_problems("test", 1000, seed=0)
+    train = make_problems("train", 5000, seed=0, config=WIDE)
+    test = make_problems("test", 1000, seed=0, config=WIDE)
     assert len(train) == 5000 and len(test) == 1000
     train_keys = {_canonical(p) for p in train}
     test_keys = {_canonical(p) for p in test}
     assert len(test_keys) == 1000  # distinct within the split too
     assert not train_keys & test_keys
     # Disjoint whatever the seeds: another train seed does not reach the test problems either.
-    assert not {_canonical(p) for p in make_problems("train", 2000, seed=123)} & test_keys
+    assert not {_canonical(p) for p in make_problems("train", 2000, seed=123, config=WIDE)} & test_keys
+
+
+def test_small_spaces_split_whole_and_refuse_to_overdraw():
+    """Two operations on numbers up to 10 make a few hundred problems per split: all of them can be
+    drawn, they never overlap, and asking for more than exist is a clear error."""
+    small = ArithConfig(start_range=(1, 10), k_range=(1, 5))
+    train = make_problems("train", 600, seed=0, config=small)
+    test = make_problems("test", 150, seed=0, config=small)
+    assert not {_canonical(p) for p in train} & {_canonical(p) for p in test}
+    with pytest.raises(EdgeMSError, match=r"arith: only \d+ distinct test problems exist, 1000 asked for"):
+        make_problems("test", 1000, seed=0, config=small)
+
+
+def test_default_has_room_for_a_300_problem_benchmark():
+    test = make_problems("test", 300, seed=1)
+    assert len({_canonical(p) for p in test}) == 300
+    assert not {_canonical(p) for p in test} & {_canonical(p) for p in make_problems("train", 1000, seed=0)}
+
+
+def test_few_shot_examples_are_never_test_problems():
+    test = {_canonical(p) for p in make_problems("test", 1000, seed=0)}
+    test |= {
+        _canonical(p)
+        for p in make_problems("test", 150, seed=0, config=ArithConfig(start_range=(1, 10), k_range=(1, 5)))
+    }
+    shots = [m["content"] for m in arith_messages("?") if m["role"] == "assistant"]
+    assert len(shots) >= 8
+    for work in shots:
+        steps = tuple(line.split(": ", 1)[1] for line in work.split("\n")[:-1])
+        assert steps not in test
 
 
 def test_same_seed_same_problems_other_seed_other_problems():
@@ -47,7 +82,7 @@ def test_same_seed_same_problems_other_seed_other_problems():
 
 
 def test_answers_follow_from_the_steps_and_stay_non_negative():
-    for p in make_problems("train", 500, seed=1):
+    for p in make_problems("train", 300, seed=1) + make_problems("train", 300, seed=1, config=WIDE):
         value = None
         assert 2 <= len(p.steps) <= 4
         for line in p.steps:
@@ -58,7 +93,25 @@ def test_answers_follow_from_the_steps_and_stay_non_negative():
             assert c == {"+": a + b, "-": a - b, "*": a * b}[op] and c >= 0
             value = c
         assert p.answer == str(value)
-        assert p.prompt.startswith(tuple(f"{n} has " for n in ("Tom", "Anna", "Ben", "Mia", "Sam", "Lucy", "Omar", "Nina", "Leo", "Ella", "Raj", "Zoe")))
+        assert p.prompt.startswith(
+            tuple(
+                f"{n} has "
+                for n in (
+                    "Tom",
+                    "Anna",
+                    "Ben",
+                    "Mia",
+                    "Sam",
+                    "Lucy",
+                    "Omar",
+                    "Nina",
+                    "Leo",
+                    "Ella",
+                    "Raj",
+                    "Zoe",
+                )
+            )
+        )
         assert p.prompt.endswith("have now?")
 
 
@@ -88,7 +141,13 @@ def test_arith_messages_are_few_shot_chat_ending_with_the_question():
         if m["role"] == "assistant":
             # Worked examples follow the format we score: one calculation per line, then the answer line.
             *steps, last = m["content"].split("\n")
-            assert all(re.fullmatch(r".*\d+ [-+*] \d+ = \d+\.", s) for s in steps)
+            assert all(
+                re.fullmatch(
+                    r"[A-Z][a-z]+ [a-z ]+ \d+( more)?( from a friend| to a neighbour)?: \d+ [-+*] \d+ = \d+\.",
+                    s,
+                )
+                for s in steps
+            ), steps
             assert re.fullmatch(r"The answer is \d+\.", last)
             assert is_correct(m["content"], last.split()[-1].rstrip("."))
 
@@ -120,7 +179,14 @@ def test_is_correct():
     assert is_correct("so \\boxed{0.5}", "\\frac{1}{2}")
     assert is_correct("The answer is 1,234.", "1234")
     assert is_correct("\\boxed{033}", "33")
-    for junk in ["", "\\boxed{}", "The answer is", "\\boxed{\\frac{{}}", "\x00\xff" * 50, "The answer is " + "9" * 500]:
+    for junk in [
+        "",
+        "\\boxed{}",
+        "The answer is",
+        "\\boxed{\\frac{{}}",
+        "\x00\xff" * 50,
+        "The answer is " + "9" * 500,
+    ]:
         assert not is_correct(junk, "19")
 
 
@@ -129,7 +195,9 @@ def test_is_correct_off_the_main_thread():
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(2) as pool:
-        got = list(pool.map(lambda t: is_correct(*t), [("\\boxed{0.5}", "\\frac{1}{2}"), ("The answer is 3.", "4")]))
+        got = list(
+            pool.map(lambda t: is_correct(*t), [("\\boxed{0.5}", "\\frac{1}{2}"), ("The answer is 3.", "4")])
+        )
     assert got == [True, False]
 
 

@@ -49,16 +49,14 @@ def _torch_spr(weights, features, labels, mask=None):
 
 
 def _fixture_features() -> np.ndarray | None:
-    """Hidden-state rows from the tiny-qwen2 reference fixture, when it exists."""
+    """Real hidden-state rows (layer n_layer-2 of the tiny Qwen2 fixture), when the fixture exists."""
     if not FIXTURE.exists():
         return None
     with np.load(FIXTURE) as data:
-        arrays = [data[k] for k in data.files if data[k].dtype.kind == "f" and data[k].ndim >= 2]
-    hidden = [a for a in arrays if a.shape[-1] >= 8]
+        hidden = [data[k] for k in sorted(data.files) if k.startswith("hidden_")]
     if not hidden:
         return None
-    rows = max(hidden, key=lambda a: a.size)
-    return rows.reshape(-1, rows.shape[-1]).astype(np.float32)
+    return np.concatenate(hidden).astype(np.float32)
 
 
 def _sources():
