@@ -512,7 +512,7 @@ def run(cfg: Config, log=print) -> dict:
     settings = DeviceSettings(n_threads=cfg.threads, kv_type=cfg.kv_type)
     r = Reasoner.load(gguf, head=head, settings=settings)
     r_off = Reasoner(
-        r.model, r.head, Engine(r.model, r.head, tap_enabled=False, kv_budget_bytes=r.engine.kv_budget_bytes)
+        r.model, r.head, Engine(r.model, r.head, tap_enabled=False, memory_budget_bytes=r.engine.memory_budget_bytes)
     )
     text = prompt_text(cfg.prompt_tokens)
     prompt = r.prompt_ids(text, raw=True)

@@ -126,13 +126,12 @@ class Engine:
     """One model, one head, one reusable llama.cpp context with the tap installed."""
 
     def __init__(self, model: Model, head: Head | None, n_batch: int = 512, n_ubatch: int | None = None,
-                 tap_enabled: bool = True, kv_budget_bytes: int | None = None, keep_rows: bool = False,
+                 tap_enabled: bool = True, keep_rows: bool = False,
                  memory_budget_bytes: int | None = None) -> None:
         self.model = model
         self.head = head
         self.n_batch = n_batch
         self.n_ubatch = n_ubatch
-        self.kv_budget_bytes = kv_budget_bytes
         # Everything a generation keeps resident (edge_ms.plan's estimate, the same as `edge-ms plan`).
         self.memory_budget_bytes = memory_budget_bytes
         self.keep_rows = keep_rows
@@ -161,14 +160,6 @@ class Engine:
                 f"model's context of {m.n_ctx_train} tokens; shorten the prompt or lower --max-new-tokens"
             )
         n_ctx = n_prompt + n * max_new_tokens + 1
-        if self.kv_budget_bytes is not None:
-            need = n_ctx * m.kv_bytes_per_token(m.settings.kv_type)
-            if need > self.kv_budget_bytes:
-                raise EdgeMSError(
-                    f"{m.path.name}: {n} trajectories x {max_new_tokens} new tokens need "
-                    f"{need / 2**30:.2f} GiB of KV cache, over the budget of {self.kv_budget_bytes / 2**30:.2f} GiB; "
-                    f"lower --n / --mode or --max-new-tokens, use --kv-type q8_0, or raise --memory"
-                )
         if self.memory_budget_bytes is not None:
             from edge_ms.plan import shape_estimate, shape_from_model
 
