@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--start", type=int, default=0, help="phase 1: first problem of this shard")
     ap.add_argument("--stop", type=int, default=0, help="phase 1: end of this shard (0: all)")
     ap.add_argument("--sample-only", action="store_true", help="phase 1 only")
+    ap.add_argument("--evaluate-only", action="store_true", help="skip phase 1: evaluate the problems cached so far")
     ap.add_argument("--prune-problems", type=int, default=60)
     ap.add_argument("--subsets", type=int, default=8, help="random subsets per problem for smaller N")
     ap.add_argument("--json", default=None)
@@ -84,7 +85,7 @@ def main() -> None:
     cache.mkdir(parents=True, exist_ok=True)
     todo = [i for i in range(args.start, min(args.stop or len(problems), len(problems)))
             if not (cache / f"p{i:05d}.npz").exists()]
-    if todo:
+    if todo and not args.evaluate_only:
         from edge_ms.head import write_head
         from edge_ms.train import init_head
 

@@ -86,3 +86,14 @@ def test_head_of_another_width_is_refused(converted):
 def test_bad_options(converted, args, needle):
     line = one_line_error(run("solve", "Hi", "--model", str(converted("tiny-qwen2", "f32")), *args))
     assert needle in line
+
+
+def test_embedded_default_model_solves_offline():
+    """The README's first command: no --model, the embedded SmolLM2 + its shipped head."""
+    proc = run("solve", "Tom has 23 apples, buys 45 more and gives away 17. How many are left?",
+               "--mode", "low", "--seed", "0", "--max-new-tokens", "64", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["n"] == 2 and out["answer"]
+    assert any(c["step_scores"] for c in out["candidates"])  # one step per line, scored by the head
+    assert all(0.0 < s < 1.0 for c in out["candidates"] for s in c["step_scores"])
