@@ -96,4 +96,4 @@ def test_embedded_default_model_solves_offline():
     out = json.loads(proc.stdout)
     assert out["n"] == 2 and out["answer"]
     assert any(c["step_scores"] for c in out["candidates"])  # one step per line, scored by the head
-    assert all(0.0 < s < 1.0 for c in out["candidates"] for s in c["step_scores"])
+    assert all(0.0 <= s <= 1.0 for c in out["candidates"] for s in c["step_scores"])
