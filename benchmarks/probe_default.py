@@ -9,8 +9,25 @@ before each step delimiter, labels them by the trajectory's correctness, trains 
 reports, on the test problems: pass@1, majority@N, best-of-N by the head, score-weighted
 vote, oracle@N, AUC over all test trajectories and within each problem.
 
-    python benchmarks/probe_default.py --n-train 60 --n-test 60 --samples 8
-    python benchmarks/probe_default.py --reuse --lr 1e-2    # retrain on the cached samples only
+    python benchmarks/probe_default.py --max-start 10 --max-k 5 --n-train 180 --n-test 60
+    python benchmarks/probe_default.py --max-start 10 --max-k 5 --n-train 180 --n-test 60 \
+        --reuse --warmup-epochs 40          # retrain on the cached samples only (here: no filter)
+
+Measured (2026-11-26, 2 shared cores, 1 thread; numbers up to 10, two operations, 8 samples
+at temperature 0.7, 60 test problems: pass@1 16.0%, majority@8 20.0%, oracle@8 43.3%):
+
+| train problems | training | best-of-8 | weighted vote | AUC | within-problem AUC |
+|---|---|---|---|---|---|
+| 60 | SPR from epoch 1, lr 1e-4 | 10.0% | 20.0% | 0.42 | 0.48 |
+| 60 | balanced BCE only, lr 1e-4 | 18.3% | 23.3% | 0.61 | 0.63 |
+| 180 | SPR from epoch 1, lr 1e-4 | 11.7% | 21.7% | 0.41 | 0.49 |
+| 180 | 5 warm-up epochs, then SPR, lr 1e-4 | 23.3% | 21.7% | 0.66 | 0.59 |
+| 180 | 3 warm-up epochs, then SPR, lr 1e-3 | 16.7% | 18.3% | 0.67 | 0.63 |
+| 180 | balanced BCE only, lr 1e-4 | 20.0% | 23.3% | 0.76 | 0.68 |
+
+Only 26 of the 60 test problems have both right and wrong samples, so one problem moves
+best-of-8 by 1.7 points. Sampling ran at 23-29 tokens/s (8 sequences, one thread, the
+machine shared with two other samplers); about 100 tokens/s on two idle cores.
 """
 
 from __future__ import annotations
@@ -377,9 +394,9 @@ def main() -> None:
     ap.add_argument("--n-ctx", type=int, default=2048)
     ap.add_argument("--cache", type=Path, default=CACHE, help="directory; one file per problem")
     ap.add_argument("--reuse", action="store_true", help="use the cached problems only, do not sample")
-    ap.add_argument("--epochs", type=int, default=60)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--warmup-epochs", type=int, default=0)
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--warmup-epochs", type=int, default=5)
     ap.add_argument("--out-scale", type=float, default=1.0)
     ap.add_argument("--with-eos", action="store_true", help="also score the token before end-of-sequence")
     ap.add_argument("--plot", type=Path, default=None)

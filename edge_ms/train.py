@@ -280,13 +280,13 @@ def train_head(
     traj_ids: np.ndarray,
     *,
     init_weights: HeadWeights | None = None,
-    epochs: int = 30,
-    lr: float = 1e-3,
+    epochs: int = 40,
+    lr: float = 1e-4,
     seed: int = 0,
     batch_trajectories: int = 32,
     dropout: float = 0.5,
     weight_decay: float = 0.0,
-    warmup_epochs: int = 0,
+    warmup_epochs: int = 5,
     standardize: bool = True,
     out_scale: float = 1.0,
     heldout: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
@@ -297,10 +297,15 @@ def train_head(
     ``features`` [m, c] are the hidden states at the scored steps, ``labels`` [m] the label of
     each step's trajectory (0/1) and ``traj_ids`` [m] which trajectory each step belongs to;
     minibatches hold ``batch_trajectories`` whole trajectories. ``heldout`` is the same triple
-    for trajectories only scored in the log. The first ``warmup_epochs`` epochs run without the
-    agreement filter. With ``standardize`` the head trains on per-dimension standardised
-    features and the standardisation is folded into the first layer at the end, so the
-    returned head takes raw hidden states. ``on_epoch(EpochLog)`` is called after each epoch.
+    for trajectories only scored in the log. The first ``warmup_epochs`` epochs run the
+    class-balanced BCE without the agreement filter. With ``standardize`` the head trains on
+    per-dimension standardised features and the standardisation is folded into the first
+    layer at the end, so the returned head takes raw hidden states. ``on_epoch(EpochLog)`` is
+    called after each epoch.
+
+    Defaults, measured on SmolLM2-135M arithmetic (180 train problems x 8 samples, 60 held
+    out): the SPR loss from the first epoch drove every score to ~0 (held-out AUC 0.41) even
+    at lr 1e-4; five warm-up epochs then SPR at lr 1e-4 reached AUC 0.66; lr 1e-3 overfitted.
     """
     tr = _split(features, labels, traj_ids, "train")
     ho = _split(*heldout, "heldout") if heldout is not None else None
