@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_ms.atomic import atomic_write
 from edge_ms.engine import Engine, SamplingParams
 from edge_ms.errors import EdgeMSError, fail
 from edge_ms.head import HeadSpec, load_head, write_head
@@ -270,15 +270,8 @@ def train_sprm(
 
 
 def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_finite(data), f, indent=1, default=str)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        json.dump(_finite(data), f, indent=1, default=str)
 
 
 def _finite(value):

@@ -12,11 +12,11 @@ import json
 import os
 import random
 import re
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_ms.atomic import atomic_write
 from edge_ms.errors import EdgeMSError, fail
 
 __all__ = [
@@ -294,14 +294,8 @@ def save_jsonl(path: str | os.PathLike, problems: list[Problem]) -> None:
     """Write ``problems`` as a task file, atomically (a temp file in the same folder, then rename)."""
     path = Path(path)
     lines = [json.dumps({"prompt": p.prompt, "answer": p.answer, "task": p.task}) for p in problems]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        f.write("\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------------------------------
