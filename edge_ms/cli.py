@@ -270,15 +270,20 @@ def plan_cmd(model, quant, shape, memory, mode, n, max_new_tokens, kv_type, prom
 @click.option("--max-new-tokens", type=int, default=256, show_default=True)
 @click.option("--temperature", type=float, default=0.7, show_default=True)
 @click.option("--epochs", type=int, default=40, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--warmup-epochs", type=int, default=5, show_default=True,
+              help="Epochs of class-weighted BCE on every step before the agreement filter starts.")
 @click.option("--delimiter", default=None, help='Step delimiter text, one token (default ".\\n\\n" with think markers, else "\\n").')
 @click.option("--layer", type=int, default=None, help="Tapped layer (default n_layer - 2).")
 @click.option("--init", "init", default=None, help="Start from this head instead of a fresh one.")
-@click.option("--threads", type=int, default=None)
+@click.option("--threads", type=int, default=None, help="Threads in all (default: every core).")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Sample this many problems at once, the threads split between them (small models: one per core).")
+@click.option("--cache", default=None, help="Keep sampled trajectories here; a rerun reuses them (resume, retrain).")
 @click.option("--force", is_flag=True, help="Overwrite an existing head file.")
 @_one_line_errors
 def train_sprm_cmd(model, task, output, train_problems, heldout_problems, n, seed, max_new_tokens, temperature,
-                   epochs, lr, delimiter, layer, init, threads, force) -> None:
+                   epochs, lr, warmup_epochs, delimiter, layer, init, threads, workers, cache, force) -> None:
     """Train an SPRM head on the frozen backbone from final-answer correctness alone (SPR loss)."""
     from pathlib import Path
 
@@ -301,7 +306,7 @@ def train_sprm_cmd(model, task, output, train_problems, heldout_problems, n, see
         train, heldout = problems[:cut][:train_problems], problems[cut:][:heldout_problems]
         if not heldout:
             raise EdgeMSError(f"{task}: too few problems to hold some out for evaluation")
-    config = TrainConfig(n, seed, max_new_tokens, temperature, epochs, lr, delimiter=delimiter, layer=layer)
+    config = TrainConfig(n, seed, max_new_tokens, temperature, epochs, lr, warmup_epochs, delimiter, layer, workers)
     with Progress(transient=True) as bar:
         tasks: dict[str, object] = {}
 
@@ -316,7 +321,7 @@ def train_sprm_cmd(model, task, output, train_problems, heldout_problems, n, see
             bar.update(tasks["train"], completed=e.epoch)
 
         report = train_sprm(gguf, train, heldout, out, config, DeviceSettings(n_threads=threads), init,
-                            on_progress, on_epoch)
+                            on_progress, on_epoch, cache)
     b, a = report.before, report.heldout
     click.echo(f"head: {report.head}  log: {report.log_path}  plot: {report.plot_path}")
     click.echo(f"held-out ({a['problems']} problems, N={n}): pass@1 {a['pass@1']:.3f}  oracle {a['oracle']:.3f}  "

@@ -101,6 +101,7 @@ class Stats:
     score_s: float = 0.0
     total_s: float = 0.0
     n_ctx: int = 0
+    reused_prompt_tokens: int = 0
 
 
 # A pruning rule: given every trajectory after a step, the indices of live ones to stop now.
@@ -127,8 +128,11 @@ class Engine:
 
     def __init__(self, model: Model, head: Head | None, n_batch: int = 512, n_ubatch: int | None = None,
                  tap_enabled: bool = True, keep_rows: bool = False,
-                 memory_budget_bytes: int | None = None) -> None:
+                 memory_budget_bytes: int | None = None, n_threads: int | None = None) -> None:
         self.model = model
+        # Threads of this context (default: the model's settings); several engines on one
+        # model, one thread each, is how train-sprm uses every core.
+        self.n_threads = n_threads
         self.head = head
         self.n_batch = n_batch
         self.n_ubatch = n_ubatch
@@ -144,6 +148,11 @@ class Engine:
         self._tap: Tap | None = None
         self._batch = None
         self._batch_cap = 0
+        # The prompt whose KV cells seq 0 still holds, and its tapped candidate rows: a
+        # prompt that starts the same way (a few-shot prefix, a system prompt) decodes only
+        # what differs, as llama.cpp's server does with cache_prompt.
+        self._cached: list[int] = []
+        self._cached_rows: dict[int, np.ndarray] = {}
 
     # -- context -----------------------------------------------------------------
 
@@ -186,7 +195,7 @@ class Engine:
         p.n_batch = n_batch
         p.n_ubatch = min(self.n_ubatch or n_batch, n_batch)
         p.n_seq_max = n_seq
-        p.n_threads = p.n_threads_batch = s.threads()
+        p.n_threads = p.n_threads_batch = self.n_threads or s.threads()
         p.kv_unified = True
         p.type_k = p.type_v = KV_TYPES[s.kv_type]
         # A quantized V cache needs flash attention in llama.cpp.
@@ -218,6 +227,7 @@ class Engine:
         return ctx
 
     def close_context(self) -> None:
+        self._cached, self._cached_rows = [], {}
         if self._ctx is not None:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
@@ -278,7 +288,6 @@ class Engine:
         ctx = self._context(n_ctx, n)
         stats.n_ctx, stats.prompt_tokens = n_ctx, n_prompt
         mem = llama_cpp.llama_get_memory(ctx)
-        llama_cpp.llama_memory_clear(mem, True)
         self.abort.clear()
         spec = self.head.spec if self.head else None
         delimiters = frozenset(spec.step_delimiter_ids) if spec else frozenset()
@@ -289,11 +298,19 @@ class Engine:
         # <think> can bring them into the scoring region), and of its last token.
         prompt_cands = candidate_positions(prompt_ids, spec) if scoring else []
         wanted = set(prompt_cands)
-        rows: dict[int, np.ndarray] = {}
+        reuse = self._reusable(prompt_ids, prompt_cands)
+        rows: dict[int, np.ndarray] = {q: self._cached_rows[q] for q in prompt_cands if q < reuse}
+        self._cached, self._cached_rows = [], {}
+        if reuse:
+            llama_cpp.llama_memory_seq_rm(mem, -1, reuse, -1)
+            llama_cpp.llama_memory_seq_keep(mem, 0)
+        else:
+            llama_cpp.llama_memory_clear(mem, True)
+        stats.reused_prompt_tokens = reuse
         last_row = None
         step = max(self._batch_cap, 1)
         try:
-            for start in range(0, n_prompt, step):
+            for start in range(reuse, n_prompt, step):
                 chunk = prompt_ids[start : start + step]
                 items = [(t, start + i, 0, start + i == n_prompt - 1) for i, t in enumerate(chunk)]
                 t0 = time.perf_counter()
@@ -306,6 +323,7 @@ class Engine:
                     if start + len(chunk) == n_prompt:
                         last_row = tapped[len(chunk) - 1].copy()
         except _Aborted:
+            llama_cpp.llama_memory_clear(mem, True)
             yield Event("done", trajectories=[])
             return
         t0 = time.perf_counter()
@@ -334,6 +352,7 @@ class Engine:
                 llama_cpp.llama_sampler_accept(traj.sampler, tok)
             trajs.append(traj)
 
+        completed = False
         try:
             live = trajs
             out_rows = None  # row j: hidden state of the token just decoded for live[j]
@@ -379,7 +398,8 @@ class Engine:
                             trajs[idx].finish_reason = "pruned"
                 for traj in live:
                     if not traj.live:
-                        llama_cpp.llama_memory_seq_rm(mem, traj.index, -1, -1)
+                        # Only its own tokens: the prompt cells stay for the next call to reuse.
+                        llama_cpp.llama_memory_seq_rm(mem, traj.index, n_prompt, -1)
                         events.append(
                             Event("finish", traj.index, None, len(traj.tokens), None, traj.score(), traj.finish_reason)
                         )
@@ -392,6 +412,7 @@ class Engine:
                 out_rows = self._decode(ctx, items)
                 stats.decode_s += time.perf_counter() - t0
                 first = False
+            completed = True
         except _Aborted:
             for traj in trajs:
                 if traj.live:
@@ -402,8 +423,21 @@ class Engine:
                 if traj.sampler is not None:
                     llama_cpp.llama_sampler_free(traj.sampler)
                     traj.sampler = None
+        if completed:
+            self._cached, self._cached_rows = list(prompt_ids), rows
         stats.total_s = time.perf_counter() - t_start
         yield Event("done", trajectories=trajs)
+
+    def _reusable(self, prompt_ids: list[int], prompt_cands: list[int]) -> int:
+        """How many leading prompt tokens seq 0 already holds, with every tapped row they need."""
+        common = 0
+        limit = min(len(self._cached), len(prompt_ids) - 1)  # the last token is decoded again for its logits
+        while common < limit and self._cached[common] == prompt_ids[common]:
+            common += 1
+        for q in prompt_cands:
+            if q < common and q not in self._cached_rows:
+                return q
+        return common
 
 
 class _Aborted(Exception):

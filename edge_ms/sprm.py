@@ -9,10 +9,13 @@ loss in numpy (``edge_ms.train``).
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import logging
 import tempfile
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -82,36 +85,108 @@ def sample(
     top_p: float = 0.95,
     on_problem: Callable[[int, list[Sample]], None] | None = None,
     seed_is_base: bool = False,
+    workers: int = 1,
+    cache: str | Path | None = None,
 ) -> list[Sample]:
     """``n`` trajectories per problem with the engine's tap keeping the step rows.
 
     Problem ``i`` samples with seed ``seed * 100003 + i * 101`` (trajectory j adds j), or with
     ``seed`` itself when ``seed_is_base`` (to resample one problem of a larger run).
+    ``workers`` > 1 samples problems on that many engines in threads (llama.cpp runs without
+    the GIL), the threads of ``engine``'s model split between them: on a small model a decode
+    step is compute-bound, so two one-thread contexts beat one two-thread context. The
+    samples are the same whatever ``workers``, up to llama.cpp's batch-composition noise.
+    ``cache``: a directory keeping each problem's samples (keyed by backbone, tapped layer,
+    prompt, seed and sampling settings), so an interrupted run resumes where it stopped.
     """
+    if workers < 1:
+        raise EdgeMSError(f"--workers {workers}: must be at least 1")
+    workers = min(workers, max(len(problems), 1))
+    if workers == 1:
+        return _sample_shard(engine, list(enumerate(problems)), n, seed, max_new_tokens, temperature, top_p,
+                             on_problem, seed_is_base, cache)
+    threads = max(1, (engine.n_threads or engine.model.settings.threads()) // workers)
+    engines = [Engine(engine.model, engine.head, keep_rows=True, n_threads=threads) for _ in range(workers)]
+    indexed = list(enumerate(problems))
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            futures = [
+                pool.submit(_sample_shard, e, indexed[w::workers], n, seed, max_new_tokens, temperature, top_p,
+                            on_problem, seed_is_base, cache)
+                for w, e in enumerate(engines)
+            ]
+            try:
+                shards = [f.result() for f in futures]
+            except BaseException:
+                for e in engines:  # Ctrl-C or a failing shard: stop the others at their next step
+                    e.abort.set()
+                raise
+    finally:
+        for e in engines:
+            e.close()
+    return sorted((s for shard in shards for s in shard), key=lambda s: s.problem)
+
+
+def _sample_shard(engine, indexed, n, seed, max_new_tokens, temperature, top_p, on_problem, seed_is_base, cache):
     model = engine.model
     keep = engine.keep_rows
     engine.keep_rows = True
     out: list[Sample] = []
     try:
-        for i, prob in enumerate(problems):
+        for i, prob in indexed:
             ids = model.tokenize(model.apply_chat_template(chat_messages(prob)), add_special=False)
             base = seed if seed_is_base else seed * 100_003 + i * 101
             params = SamplingParams(temperature, top_p, 1.0, 64, base, max_new_tokens)
-            trajs = next(ev.trajectories for ev in engine.generate(ids, n, params) if ev.kind == "done")
-            got = []
-            for t in trajs:
-                text = t.decoded()
-                rows = t.step_rows()
-                got.append(
-                    Sample(i, text, t.finish_reason, is_correct(text, prob.answer), extract_answer(text),
-                           rows.reshape(-1, model.n_embd), len(t.tokens), t.score())
-                )
+            path = _cache_path(cache, engine, ids, n, params)
+            got = load_samples(path, i) if path is not None and path.exists() else None
+            if got is None:
+                trajs = next(ev.trajectories for ev in engine.generate(ids, n, params) if ev.kind == "done")
+                got = []
+                for t in trajs:
+                    text = t.decoded()
+                    got.append(
+                        Sample(i, text, t.finish_reason, is_correct(text, prob.answer), extract_answer(text),
+                               t.step_rows().reshape(-1, model.n_embd), len(t.tokens), t.score())
+                    )
+                if path is not None:
+                    save_samples(path, got)
             out.extend(got)
             if on_problem is not None:
                 on_problem(i, got)
     finally:
         engine.keep_rows = keep
     return out
+
+
+def _cache_path(cache, engine: Engine, ids: list[int], n: int, params: SamplingParams) -> Path | None:
+    if cache is None:
+        return None
+    spec = engine.head.spec
+    key = json.dumps([engine.model.fingerprint, spec.layer, list(spec.step_delimiter_ids), spec.think_start_id,
+                      spec.think_end_id, ids, n, asdict(params)], default=str)
+    return Path(cache) / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".npz")
+
+
+def save_samples(path: str | Path, samples: Sequence[Sample]) -> None:
+    """One problem's samples as a compressed .npz (text and labels as JSON, step rows as arrays)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = [{k: getattr(s, k) for k in ("text", "finish_reason", "correct", "answer_key", "n_tokens")}
+            for s in samples]
+    arrays_ = {f"rows_{i}": s.rows for i, s in enumerate(samples)}
+    with atomic_write(path, binary=True) as f:
+        np.savez_compressed(f, meta=json.dumps(meta), **arrays_)
+
+
+def load_samples(path: str | Path, problem: int) -> list[Sample] | None:
+    """What save_samples wrote, as samples of ``problem``; None when the file is unreadable."""
+    try:
+        with np.load(path) as data:
+            meta = json.loads(str(data["meta"]))
+            return [Sample(problem=problem, rows=data[f"rows_{i}"], **m) for i, m in enumerate(meta)]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        log.warning("%s: ignoring unreadable cached samples (%s)", path, err)
+        return None
 
 
 def arrays(samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -176,10 +251,11 @@ class TrainConfig:
     max_new_tokens: int = 256
     temperature: float = 0.7
     epochs: int = 40
-    lr: float = 1e-3
-    warmup_epochs: int = 3
+    lr: float = 1e-4
+    warmup_epochs: int = 5
     delimiter: str | None = None
     layer: int | None = None
+    workers: int = 1
 
 
 @dataclass
@@ -204,8 +280,12 @@ def train_sprm(
     init: str | Path | None = None,
     on_progress: Callable[[str, int, int], None] | None = None,
     on_epoch: Callable[[EpochLog], None] | None = None,
+    cache: str | Path | None = None,
 ) -> TrainReport:
-    """Sample, label, train and write ``out`` (the head), ``out``.log.json and ``out``.png."""
+    """Sample, label, train and write ``out`` (the head), ``out``.log.json and ``out``.png.
+
+    ``cache``: a directory for the sampled trajectories (see :func:`sample`).
+    """
     out = Path(out)
     if not out.name.endswith(".sprm.onnx"):
         raise fail(out, "the head file name must end in .sprm.onnx")
@@ -228,12 +308,14 @@ def train_sprm(
             engine = Engine(model, head, keep_rows=True)
             try:
                 def progress(phase: str, total: int):
-                    return lambda i, _got: on_progress and on_progress(phase, i + 1, total)
+                    done = itertools.count(1)  # problems finish out of order with several workers
+                    return lambda _i, _got: on_progress and on_progress(phase, next(done), total)
 
                 tr = sample(engine, train_problems, config.n, config.seed, config.max_new_tokens, config.temperature,
-                            on_problem=progress("train", len(train_problems)))
+                            on_problem=progress("train", len(train_problems)), workers=config.workers, cache=cache)
                 ho = sample(engine, heldout_problems, config.n, config.seed + 1, config.max_new_tokens,
-                            config.temperature, on_problem=progress("held-out", len(heldout_problems)))
+                            config.temperature, on_problem=progress("held-out", len(heldout_problems)),
+                            workers=config.workers, cache=cache)
             finally:
                 engine.close()
         rescore(ho, head.score)

@@ -100,7 +100,48 @@ def test_finished_sequences_free_their_cells(converted):
                 seen.append(llama_cpp.llama_memory_seq_pos_max(mem, ev.index))
     finally:
         r.close()
-    assert seen == [-1, -1, -1]
+    # A finished trajectory keeps only the shared prompt (for the next call to reuse).
+    assert seen == [len(ids) - 1] * 3
+
+
+def _run(engine, ids, n=3, seed=4):
+    from edge_ms.engine import SamplingParams, Stats
+
+    stats = Stats()
+    # Greedy: reusing the prefix changes micro-batch composition, which moves logits by
+    # ~1e-4 (as llama.cpp's cache_prompt does); enough to flip a sampled token now and then.
+    params = SamplingParams(seed=seed, max_new_tokens=40, temperature=0.0)
+    done = [ev for ev in engine.generate(ids, n, params, stats=stats) if ev.kind == "done"][0]
+    cands = [t.tracker.candidates for t in done.trajectories]
+    return [(t.tokens, [q for q, _ in c], [x for _, x in c]) for t, c in zip(done.trajectories, cands)], stats
+
+
+def test_shared_prompt_prefix_is_decoded_once_and_changes_nothing(converted):
+    # A few-shot prefix with step delimiters in it, so the reused part holds scored rows too.
+    shots = "Step one.\n\nStep two.\n\nStep three.\n\n" * 3
+    r = Reasoner.load(converted("tiny-qwen2", "f32"))
+    fresh = Reasoner.load(converted("tiny-qwen2", "f32"))
+    try:
+        a_ids, b_ids = r.prompt_ids(shots + "Add 3 and 4."), r.prompt_ids(shots + "Add 5 and 9.")
+        _, first = _run(r.engine, a_ids)
+        got, second = _run(r.engine, b_ids)
+        want, _ = _run(fresh.engine, b_ids)
+        again, third = _run(r.engine, b_ids, n=2)
+        fresh.engine.close_context()
+        want_again, _ = _run(fresh.engine, b_ids, n=2)
+    finally:
+        r.close()
+        fresh.close()
+    assert first.reused_prompt_tokens == 0
+    common = next(i for i, (x, y) in enumerate(zip(a_ids, b_ids)) if x != y)
+    assert second.reused_prompt_tokens == common > 30
+    assert third.reused_prompt_tokens == len(b_ids) - 1
+    for mine, theirs in ((got, want), (again, want_again)):
+        assert [t[0] for t in mine] == [t[0] for t in theirs]
+        assert [t[1] for t in mine] == [t[1] for t in theirs]
+        assert any(q < len(b_ids) - 1 for t in mine for q in t[1]), "prompt candidates were scored"
+        for (_, _, s1), (_, _, s2) in zip(mine, theirs):
+            assert s1 == pytest.approx(s2, abs=1e-3)
 
 
 def test_q8_0_kv_cache_runs_and_stays_close(converted):
