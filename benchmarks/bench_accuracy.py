@@ -2,15 +2,16 @@
 
 Not a test: it samples thousands of trajectories (tens of minutes on two cores).
 
-    python benchmarks/bench_accuracy.py --problems 300 --n 8 --json benchmarks/results/accuracy.json
+    python benchmarks/bench_accuracy.py --problems 300 --n 32 --workers 2 --json benchmarks/results/accuracy.json
 
 Phase 1 samples ``--n`` trajectories for each held-out arithmetic problem (test split, never
 seen in training) with the runtime, keeping the tapped hidden state of every scored step, and
-caches them (``--cache``); it does not need the trained head, only its spec. Phase 2 scores the
-cached steps with the head and reports, for N = 2 and ``--n`` (N = 2 from random subsets):
-pass@1, SPRM best-of-N, majority vote, SPRM-weighted vote, random pick, oracle pass@N and the
-ROC AUC of trajectory scores. Phase 3 reruns the first ``--prune-problems`` problems with
-SPRM-guided pruning (same seeds) and compares tokens and accuracy with plain best-of-N.
+caches them (``--cache``, so an interrupted run resumes); it does not need the trained head,
+only its spec. Phase 2 scores the cached steps with the head and reports, for N = 2, 8 and
+``--n`` (smaller N from random subsets of each problem's samples): pass@1, SPRM best-of-N,
+majority vote, SPRM-weighted vote, random pick, oracle pass@N and the ROC AUC of trajectory
+scores. Phase 3 runs best-of-``--prune-n`` on the first ``--prune-problems`` problems twice,
+plain and with SPRM-guided pruning (same seeds), and compares tokens and accuracy.
 """
 
 from __future__ import annotations
@@ -49,13 +50,17 @@ def main() -> None:
     ap.add_argument("--problems", type=int, default=300)
     ap.add_argument("--n", type=int, default=8, help="trajectories sampled per problem (the largest N reported)")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--head", default=None, help="head to evaluate (default: the shipped one)")
     ap.add_argument("--cache", default=str(Path.home() / ".cache/edge_ms/bench/accuracy"), help="directory")
     ap.add_argument("--workers", type=int, default=1, help="problems sampled at once (one thread each)")
     ap.add_argument("--sample-only", action="store_true", help="phase 1 only")
-    ap.add_argument("--prune-problems", type=int, default=60)
+    ap.add_argument("--prune-problems", type=int, default=100)
+    ap.add_argument("--prune-n", type=int, default=8, help="N of the pruning comparison")
+    ap.add_argument("--prune-min-steps", type=int, default=PruneRule.min_steps)
+    ap.add_argument("--prune-margin", type=float, default=PruneRule.margin)
+    ap.add_argument("--prune-keep", type=int, default=PruneRule.keep)
     ap.add_argument("--subsets", type=int, default=8, help="random subsets per problem for smaller N")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -92,33 +97,33 @@ def main() -> None:
     for n in sorted({k for k in (2, 8, args.n) if k <= args.n}):
         report["by_n"][str(n)] = evaluate(samples, n, seed=args.seed, subsets=args.subsets)
 
-    # Phase 3: pruning on the first problems, same seeds as phase 1, so a trajectory is the same
-    # as its phase-1 twin until it is pruned.
+    # Phase 3: best-of-N with and without pruning, run live side by side on the same problems
+    # with the same seeds (a trajectory is its twin until it is pruned).
     k = min(args.prune_problems, len(problems))
     if k:
         engine = Engine(model, head)
-        rule = PruneRule()
-        pruned_tokens, plain_tokens, pruned_hits, plain_hits = 0, 0, [], []
+        rule = PruneRule(args.prune_min_steps, args.prune_margin, args.prune_keep)
+        tokens = {"plain": 0, "pruned": 0}
+        hits: dict[str, list[bool]] = {"plain": [], "pruned": []}
         t1 = time.time()
         for i, prob in enumerate(problems[:k]):
             ids = model.tokenize(model.apply_chat_template(chat_messages(prob)), add_special=False)
             params = SamplingParams(args.temperature, 0.95, 1.0, 64, args.seed * 100_003 + i * 101, args.max_new_tokens)
-            trajs = next(ev.trajectories for ev in engine.generate(ids, args.n, params, prune=rule) if ev.kind == "done")
-            pruned_tokens += sum(len(t.tokens) for t in trajs)
-
-            cands = [_Pick(t, is_correct(t.decoded(), prob.answer)) for t in trajs]
-            pruned_hits.append(cands[best_of_n(cands)].correct)
-            group = [s for s in samples if s.problem == i]
-            plain_tokens += sum(s.n_tokens for s in group)
-            plain_hits.append(group[best_of_n(group)].correct)
+            for name, prune in (("plain", None), ("pruned", rule)):
+                trajs = next(ev.trajectories for ev in engine.generate(ids, args.prune_n, params, prune=prune)
+                             if ev.kind == "done")
+                tokens[name] += sum(len(t.tokens) for t in trajs)
+                cands = [_Pick(t, is_correct(t.decoded(), prob.answer)) for t in trajs]
+                hits[name].append(cands[best_of_n(cands)].correct)
             print(f"\rphase 3: problem {i + 1}/{k}", end="", flush=True)
         print()
         engine.close()
         report["pruning"] = {
-            "problems": k, "n": args.n, "rule": {"min_steps": rule.min_steps, "margin": rule.margin, "keep": rule.keep},
-            "tokens_plain": plain_tokens, "tokens_pruned": pruned_tokens,
-            "token_saving": 1 - pruned_tokens / max(plain_tokens, 1),
-            "accuracy_plain_best": float(np.mean(plain_hits)), "accuracy_pruned_best": float(np.mean(pruned_hits)),
+            "problems": k, "n": args.prune_n,
+            "rule": {"min_steps": rule.min_steps, "margin": rule.margin, "keep": rule.keep},
+            "tokens_plain": tokens["plain"], "tokens_pruned": tokens["pruned"],
+            "token_saving": 1 - tokens["pruned"] / max(tokens["plain"], 1),
+            "accuracy_plain_best": float(np.mean(hits["plain"])), "accuracy_pruned_best": float(np.mean(hits["pruned"])),
             "seconds": round(time.time() - t1, 1),
         }
     model.close()

@@ -72,12 +72,14 @@ def select(cands: Sequence[Scored], strategy: str = "best") -> int:
 class PruneRule:
     """SPRM-guided pruning: stop trajectories whose running score has fallen behind the leaders.
 
-    After every step, a live trajectory with at least ``min_steps`` scored steps is stopped
-    when its running score (geometric mean so far) is more than ``margin`` below the best
-    running score among trajectories with at least ``min_steps`` steps, as long as ``keep``
-    trajectories stay in the race (live or finished). Requiring a few steps first keeps one
-    unlucky early step from deciding; comparing with the leader rather than with a fixed
-    threshold keeps the rule meaningful whatever the head's calibration.
+    After every step, the trajectories with at least ``min_steps`` scored steps (and not
+    pruned) are ranked by running score (the geometric mean so far, what best-of-N will
+    compare at the end); a live one is stopped when it is more than ``margin`` below the
+    ``keep``-th best. So the ``keep`` leaders always stay in the race, and a trajectory is cut
+    as soon as its own steps say it is unlikely to be picked. Ranking against the leaders
+    rather than a fixed threshold keeps the rule meaningful whatever the head's calibration;
+    ``min_steps`` keeps one unlucky early step from deciding on long reasoning, and can be 1
+    where a whole solution is a few steps (the arithmetic task).
     """
 
     min_steps: int = 2
@@ -90,15 +92,7 @@ class PruneRule:
             positions, scores = t.steps()
             if len(scores) >= self.min_steps and t.finish_reason != "pruned":
                 ranked.append((t.score(), t))
-        if not ranked:
+        if len(ranked) < max(self.keep, 1):
             return []
-        leader = max(s for s, _ in ranked)
-        in_race = sum(1 for t in trajectories if t.finish_reason != "pruned")
-        out = []
-        for s, t in sorted(ranked, key=lambda x: x[0]):
-            if in_race <= self.keep:
-                break
-            if t.live and s < leader - self.margin:
-                out.append(t.index)
-                in_race -= 1
-        return out
+        bar = sorted((s for s, _ in ranked), reverse=True)[max(self.keep, 1) - 1] - self.margin
+        return [t.index for s, t in ranked if t.live and s < bar]

@@ -83,3 +83,11 @@ def test_pruning_generates_fewer_tokens(converted):
     total = lambda res: sum(len(c.token_ids) for c in res.candidates)  # noqa: E731
     assert total(pruned) < total(plain)
     assert pruned.best.finish_reason != "pruned"
+
+
+def test_prune_rule_keeps_the_leaders_and_waits_for_enough_scores():
+    rule = PruneRule(min_steps=1, margin=0.0, keep=3)
+    ts = [T(0, [0.5]), T(1, [0.9]), T(2, [0.3]), T(3, [0.7], "stop"), T(4, [0.6]), T(5, [])]
+    # Leaders 0.9, 0.7 (finished: counts, is never pruned), 0.6; 5 has no step yet.
+    assert sorted(rule(ts)) == [0, 2]
+    assert rule(ts[:2] + ts[5:]) == []  # fewer than `keep` scored: no judgement yet
