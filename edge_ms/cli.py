@@ -118,7 +118,7 @@ def solve(prompt, model, quant, head, threads, n_gpu_layers, kv_type, extra_buft
         return
     best = result.best
     click.echo(
-        f"selected trajectory {result.selected} of {result.n}: score {best.score:.3f}, "
+        f"selected trajectory {result.selected} of {result.n}: score {best.score:.3g}, "
         f"{len(best.step_scores)} steps, {len(best.token_ids)} tokens ({best.finish_reason})",
         err=True,
     )

@@ -51,7 +51,7 @@ class TrajectoryView:
         best = max(range(len(self.score)), key=lambda i: self.score[i]) if self.score else -1
         for i in range(len(self.tokens)):
             style = "bold green" if i == best and self.steps[i] else ""
-            last = f"{self.last_step[i]:.3f}" if self.last_step[i] is not None else "-"
-            table.add_row(str(i), str(self.tokens[i]), str(self.steps[i]), last, f"{self.score[i]:.3f}",
+            last = f"{self.last_step[i]:.3g}" if self.last_step[i] is not None else "-"
+            table.add_row(str(i), str(self.tokens[i]), str(self.steps[i]), last, f"{self.score[i]:.3g}",
                           self.state[i], style=style)
         return Group(table, Text(""))
