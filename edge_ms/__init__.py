@@ -7,5 +7,12 @@ import os
 # Must be set before llama.cpp (and libgomp) is loaded; users can still override it.
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
+# onnx and onnxruntime must be loaded before llama.cpp: on the H100 machine (CUDA 13 build of
+# llama.cpp 0.3.36's sources, onnxruntime 1.30, Python 3.12) importing either one after a
+# CUDA-enabled llama_cpp crashed the process (SIGSEGV during the import); the other order
+# ran the engine and the tap on the GPU (scripts/gpu_check/).
+import onnx  # noqa: E402, F401
+import onnxruntime  # noqa: E402, F401
+
 __version__ = "0.1.0"
 __all__ = ["__version__"]

@@ -157,3 +157,14 @@ def test_q8_0_kv_cache_runs_and_stays_close(converted):
     a, b = results["f16"].candidates[0], results["q8_0"].candidates[0]
     # Greedy decoding: a quantized KV cache may flip a late token, not the opening ones.
     assert a.token_ids[:5] == b.token_ids[:5]
+
+
+def test_onnx_is_loaded_before_llama_cpp():
+    import subprocess
+    import sys
+
+    # Importing onnx / onnxruntime after a CUDA build of llama.cpp segfaulted (edge_ms/__init__.py).
+    code = ("import sys, edge_ms.engine; m = list(sys.modules); "
+            "print(m.index('onnxruntime') < m.index('llama_cpp') and m.index('onnx') < m.index('llama_cpp'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "True", out.stderr
