@@ -11,8 +11,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 # llama.cpp 0.3.36's sources, onnxruntime 1.30, Python 3.12) importing either one after a
 # CUDA-enabled llama_cpp crashed the process (SIGSEGV during the import); the other order
 # ran the engine and the tap on the GPU (scripts/gpu_check/).
-import onnx  # noqa: E402, F401
-import onnxruntime  # noqa: E402, F401
+try:
+    import onnx  # noqa: F401
+    import onnxruntime  # noqa: F401
+except ImportError:  # not installed: nothing to order (edge_ms.default_model works without them)
+    pass
 
 __version__ = "0.1.0"
 __all__ = ["__version__"]
