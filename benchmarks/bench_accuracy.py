@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 
 from edge_ms.default_model import default_head_path, find_default_gguf
-from edge_ms.engine import Engine, SamplingParams
+from edge_ms.engine import Engine
 from edge_ms.head import load_head, write_head
 from edge_ms.model import Model
 from edge_ms.select import PruneRule, best_of_n
-from edge_ms.sprm import default_spec, evaluate, rescore, sample
-from edge_ms.tasks import chat_messages, is_correct, make_problems
+from edge_ms.sprm import default_spec, evaluate, request, rescore, sample
+from edge_ms.tasks import is_correct, make_problems
 from edge_ms.train import init_head
 
 
@@ -107,8 +107,7 @@ def main() -> None:
         hits: dict[str, list[bool]] = {"plain": [], "pruned": []}
         t1 = time.time()
         for i, prob in enumerate(problems[:k]):
-            ids = model.tokenize(model.apply_chat_template(chat_messages(prob)), add_special=False)
-            params = SamplingParams(args.temperature, 0.95, 1.0, 64, args.seed * 100_003 + i * 101, args.max_new_tokens)
+            ids, params = request(model, prob, i, args.seed, args.max_new_tokens, args.temperature)
             for name, prune in (("plain", None), ("pruned", rule)):
                 trajs = next(ev.trajectories for ev in engine.generate(ids, args.prune_n, params, prune=prune)
                              if ev.kind == "done")

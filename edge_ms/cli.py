@@ -290,13 +290,14 @@ def train_sprm_cmd(model, task, output, train_problems, heldout_problems, n, see
     from rich.progress import Progress
 
     from edge_ms.model import DeviceSettings
+    from edge_ms.reasoner import locate
     from edge_ms.sprm import TrainConfig, train_sprm
     from edge_ms.tasks import load_jsonl, make_problems
 
     out = Path(output)
     if out.exists() and not force:
         raise EdgeMSError(f"{out}: already exists (use --force to replace it)")
-    gguf = _resolve_gguf(model)
+    gguf, _ = locate(model)
     if task == "arith":
         train = make_problems("train", train_problems, seed)
         heldout = make_problems("test", heldout_problems, seed)
@@ -328,20 +329,6 @@ def train_sprm_cmd(model, task, output, train_problems, heldout_problems, n, see
                f"majority {a['majority']:.3f}")
     click.echo(f"  SPRM best-of-{n}: {b['sprm_best']:.3f} before training -> {a['sprm_best']:.3f} after  "
                f"(weighted vote {a['sprm_weighted']:.3f}, random pick {a['random']:.3f}, AUC {a['auc']:.3f})")
-
-
-def _resolve_gguf(model):
-    from pathlib import Path
-
-    if model is None:
-        from edge_ms.default_model import default_model_files
-
-        return default_model_files()[0]
-    if Path(model).is_file():
-        return Path(model)
-    from edge_ms.store import resolve_model
-
-    return resolve_model(model).gguf
 
 
 if __name__ == "__main__":

@@ -479,9 +479,9 @@ def plan_for(
         if model is not None:
             raise EdgeMSError("--shape and --model: give one of them")
         return plan(preset_shape(shape, quant or "q4_k_m"), **kwargs)
-    from edge_ms.reasoner import _locate
+    from edge_ms.reasoner import locate
 
-    gguf_path, _ = _locate(model, quant, None)
+    gguf_path, _ = locate(model, quant)
     return plan(shape_from_gguf(gguf_path), **kwargs)
 
 

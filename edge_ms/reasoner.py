@@ -115,7 +115,8 @@ def _split_answer(text: str, think_end: str | None) -> tuple[str, str]:
     return "", text.strip()
 
 
-def _locate(model: str | Path | None, quant: str | None, head: str | Path | None) -> tuple[Path, Path | None]:
+def locate(model: str | Path | None, quant: str | None = None, head: str | Path | None = None) -> tuple[Path, Path | None]:
+    """(GGUF, head or None) of a GGUF file, a store name or directory, or the embedded default (None)."""
     if model is not None and Path(model).is_file():
         return Path(model), Path(head) if head else None
     if model is None:
@@ -153,7 +154,7 @@ class Reasoner:
         """Load a model directory, a store name, a GGUF file (+ ``head``), or the embedded default (None)."""
         from edge_ms.plan import DEFAULT_BUDGET_FRACTION
 
-        gguf, head_path = _locate(model, quant, head)
+        gguf, head_path = locate(model, quant, head)
         if head_path is None:
             raise fail(gguf, "no SPRM head given (pass head=... / --head FILE.sprm.onnx)")
         # Measured before the weights are mapped: the budget covers them too (edge_ms.plan).

@@ -26,6 +26,7 @@ from edge_ms.engine import Engine, SamplingParams
 from edge_ms.errors import EdgeMSError, fail
 from edge_ms.head import HeadSpec, load_head, write_head
 from edge_ms.model import DeviceSettings, Model
+from edge_ms.score import trajectory_score
 from edge_ms.select import best_of_n, majority_vote, weighted_vote
 from edge_ms.tasks import Problem, chat_messages, extract_answer, is_correct
 from edge_ms.train import EpochLog, auc, init_head, plot_scores, train_head
@@ -84,14 +85,12 @@ def sample(
     temperature: float = 0.7,
     top_p: float = 0.95,
     on_problem: Callable[[int, list[Sample]], None] | None = None,
-    seed_is_base: bool = False,
     workers: int = 1,
     cache: str | Path | None = None,
 ) -> list[Sample]:
     """``n`` trajectories per problem with the engine's tap keeping the step rows.
 
-    Problem ``i`` samples with seed ``seed * 100003 + i * 101`` (trajectory j adds j), or with
-    ``seed`` itself when ``seed_is_base`` (to resample one problem of a larger run).
+    Problem ``i`` is posed as :func:`request` does (trajectory j's seed adds j).
     ``workers`` > 1 samples problems on that many engines in threads (llama.cpp runs without
     the GIL), the threads of ``engine``'s model split between them: on a small model a decode
     step is compute-bound, so two one-thread contexts beat one two-thread context. The
@@ -104,7 +103,7 @@ def sample(
     workers = min(workers, max(len(problems), 1))
     if workers == 1:
         return _sample_shard(engine, list(enumerate(problems)), n, seed, max_new_tokens, temperature, top_p,
-                             on_problem, seed_is_base, cache)
+                             on_problem, cache)
     threads = max(1, (engine.n_threads or engine.model.settings.threads()) // workers)
     engines = [Engine(engine.model, engine.head, keep_rows=True, n_threads=threads) for _ in range(workers)]
     indexed = list(enumerate(problems))
@@ -112,7 +111,7 @@ def sample(
         with ThreadPoolExecutor(workers) as pool:
             futures = [
                 pool.submit(_sample_shard, e, indexed[w::workers], n, seed, max_new_tokens, temperature, top_p,
-                            on_problem, seed_is_base, cache)
+                            on_problem, cache)
                 for w, e in enumerate(engines)
             ]
             try:
@@ -127,16 +126,21 @@ def sample(
     return sorted((s for shard in shards for s in shard), key=lambda s: s.problem)
 
 
-def _sample_shard(engine, indexed, n, seed, max_new_tokens, temperature, top_p, on_problem, seed_is_base, cache):
+def request(model: Model, problem: Problem, i: int, seed: int, max_new_tokens: int, temperature: float,
+            top_p: float = 0.95) -> tuple[list[int], SamplingParams]:
+    """Prompt ids and sampling of problem ``i`` of a run: seed ``seed * 100003 + i * 101``."""
+    ids = model.tokenize(model.apply_chat_template(chat_messages(problem)), add_special=False)
+    return ids, SamplingParams(temperature, top_p, 1.0, 64, seed * 100_003 + i * 101, max_new_tokens)
+
+
+def _sample_shard(engine, indexed, n, seed, max_new_tokens, temperature, top_p, on_problem, cache):
     model = engine.model
     keep = engine.keep_rows
     engine.keep_rows = True
     out: list[Sample] = []
     try:
         for i, prob in indexed:
-            ids = model.tokenize(model.apply_chat_template(chat_messages(prob)), add_special=False)
-            base = seed if seed_is_base else seed * 100_003 + i * 101
-            params = SamplingParams(temperature, top_p, 1.0, 64, base, max_new_tokens)
+            ids, params = request(model, prob, i, seed, max_new_tokens, temperature, top_p)
             path = _cache_path(cache, engine, ids, n, params)
             got = load_samples(path, i) if path is not None and path.exists() else None
             if got is None:
@@ -204,13 +208,9 @@ def arrays(samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def rescore(samples: Sequence[Sample], score_rows: Callable[[np.ndarray], np.ndarray]) -> None:
-    """Set each sample's trajectory score from its step rows (geometric mean, clamped)."""
+    """Set each sample's trajectory score from its step rows, as the runtime scores a trajectory."""
     for s in samples:
-        if len(s.rows) == 0:
-            s.score = 0.0
-            continue
-        sc = np.clip(score_rows(s.rows).astype(np.float64), 1e-10, None)
-        s.score = float(np.exp(np.mean(np.log(sc))))
+        s.score = trajectory_score(score_rows(s.rows).tolist() if len(s.rows) else [])
 
 
 def evaluate(samples: Sequence[Sample], n: int, seed: int = 0, subsets: int = 1) -> dict:
