@@ -60,7 +60,10 @@ def _read_head(hf_dir: Path, hidden_size: int) -> dict[str, np.ndarray]:
     path = hf_dir / HEAD_FILE
     if not path.is_file():
         raise fail(path, "file not found (the SPRM head of a MetaStone-S1 checkpoint)")
-    state = load_state_dict(path)
+    c = hidden_size
+    want = {"0.weight": (2 * c, c), "0.bias": (2 * c,), "3.weight": (1, 2 * c), "3.bias": (1,)}
+    # The shapes go to the loader so that a hostile file is refused before anything is inflated.
+    state = load_state_dict(path, want.values(), f"a head for hidden_size {c} of config.json")
     if set(state) != set(HEAD_KEYS):
         # A head saved from a wrapper module carries one common prefix ("score_head.0.weight").
         prefixes = {k[: -len(s)] for k in state for s in HEAD_KEYS if k.endswith("." + s)}
@@ -68,8 +71,6 @@ def _read_head(hf_dir: Path, hidden_size: int) -> dict[str, np.ndarray]:
             state = {k[len(next(iter(prefixes))) :]: v for k, v in state.items()}
         else:
             raise fail(path, f"expected the keys {', '.join(HEAD_KEYS)}, found {', '.join(sorted(state))}")
-    c = hidden_size
-    want = {"0.weight": (2 * c, c), "0.bias": (2 * c,), "3.weight": (1, 2 * c), "3.bias": (1,)}
     for key, shape in want.items():
         if state[key].shape != shape:
             raise fail(
