@@ -28,13 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_ms.answers import is_correct
 from edge_ms.default_model import default_head_path, find_default_gguf
 from edge_ms.engine import Engine
 from edge_ms.head import load_head, write_head
 from edge_ms.model import Model
 from edge_ms.select import PruneRule, best_of_n
 from edge_ms.sprm import default_spec, evaluate, request, rescore, sample
-from edge_ms.tasks import is_correct, make_problems
+from edge_ms.tasks import make_problems
 from edge_ms.train import init_head
 
 

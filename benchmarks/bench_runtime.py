@@ -54,7 +54,9 @@ import _synthetic  # noqa: E402
 
 from edge_ms.engine import Engine  # noqa: E402
 from edge_ms.model import KV_TYPES, DeviceSettings, Model, default_extra_bufts  # noqa: E402
-from edge_ms.reasoner import Reasoner, available_memory  # noqa: E402
+from edge_ms.plan import available_memory  # noqa: E402
+from edge_ms.reasoner import Reasoner  # noqa: E402
+from edge_ms.sampling import SamplingParams, make_sampler  # noqa: E402
 from edge_ms.score import step_positions  # noqa: E402
 from edge_ms.tap import Tap  # noqa: E402
 
@@ -65,7 +67,8 @@ PROMPT_TEXT = (
     "divides ninety seven written in base b. Please reason step by step, and put your final answer "
     "within boxed braces. "
 )
-SAMPLING = {"temperature": 0.6, "top_p": 0.95, "repetition_penalty": 1.05, "penalty_last_n": 64}
+# The published sampling (the SamplingParams defaults), used by every variant.
+SAMPLING = SamplingParams()
 GOALS = {
     "ratio_vs_raw": (">=", 0.9),
     "speedup_vs_sequential": (">=", 3.0),
@@ -108,24 +111,6 @@ def prompt_text(n_tokens: int) -> str:
 
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
-
-
-def _chain(n_vocab: int, seed: int, history: list[int]):
-    """The sampler chain Engine uses for the published sampling, built from llama.cpp's API."""
-    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-    add = llama_cpp.llama_sampler_chain_add
-    add(
-        chain,
-        llama_cpp.llama_sampler_init_penalties(
-            n_vocab, SAMPLING["penalty_last_n"], SAMPLING["repetition_penalty"], 0.0, 0.0
-        ),
-    )
-    add(chain, llama_cpp.llama_sampler_init_top_p(SAMPLING["top_p"], 1))
-    add(chain, llama_cpp.llama_sampler_init_temp(SAMPLING["temperature"]))
-    add(chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-    for tok in history[-SAMPLING["penalty_last_n"] :]:
-        llama_cpp.llama_sampler_accept(chain, tok)
-    return chain
 
 
 class RawContext:
@@ -190,9 +175,9 @@ def run_reasoner(r: Reasoner, text: str, cfg: Config, seed: int) -> dict:
         raw=True,
         max_new_tokens=cfg.new_tokens,
         seed=seed,
-        temperature=SAMPLING["temperature"],
-        top_p=SAMPLING["top_p"],
-        repetition_penalty=SAMPLING["repetition_penalty"],
+        temperature=SAMPLING.temperature,
+        top_p=SAMPLING.top_p,
+        repetition_penalty=SAMPLING.repetition_penalty,
         on_event=first_token,
     )
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -228,7 +213,7 @@ def run_raw(rc: RawContext, model: Model, prompt: list[int], cfg: Config, seed: 
         t_dec += time.perf_counter() - t
     for seq in range(1, cfg.n):
         llama_cpp.llama_memory_seq_cp(rc.mem, 0, seq, -1, -1)
-    samplers = [_chain(model.n_vocab, seed + i, prompt) for i in range(cfg.n)]
+    samplers = [make_sampler(SAMPLING, model.n_vocab, seed + i, prompt) for i in range(cfg.n)]
     tokens: list[list[int]] = [[] for _ in range(cfg.n)]
     live = list(range(cfg.n))
     rows = {s: -1 for s in live}  # logits row of each live sequence in the last batch
@@ -278,11 +263,11 @@ def run_sequential(llm, prompt: list[int], cfg: Config, seed: int) -> dict:
         out = llm.create_completion(
             prompt,
             max_tokens=cfg.new_tokens,
-            temperature=SAMPLING["temperature"],
-            top_p=SAMPLING["top_p"],
+            temperature=SAMPLING.temperature,
+            top_p=SAMPLING.top_p,
             top_k=0,
             min_p=0.0,
-            repeat_penalty=SAMPLING["repetition_penalty"],
+            repeat_penalty=SAMPLING.repetition_penalty,
             seed=seed + i,
         )
         total += out["usage"]["completion_tokens"]
@@ -679,7 +664,7 @@ def run(cfg: Config, log=print) -> dict:
             "shape": asdict(_synthetic.S1_1_5B),
             "head_layer": _synthetic.S1_1_5B.n_layer - 2,
             "delimiter_fraction": _synthetic.DELIMITER_FRACTION,
-            "sampling": SAMPLING,
+            "sampling": asdict(SAMPLING),
             "context_cells": n_ctx,
         },
         "per_run": {

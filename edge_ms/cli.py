@@ -100,7 +100,7 @@ def solve(prompt, model, quant, head, threads, n_gpu_layers, kv_type, extra_buft
     """Sample N reasoning trajectories for PROMPT, score every step, print the best answer."""
     import json
 
-    from edge_ms.reasoner import resolve_n
+    from edge_ms.modes import resolve_n
 
     n_seq = resolve_n(mode, n)
     reasoner = _load_reasoner(model, quant, head, threads, n_gpu_layers, kv_type, extra_bufts, memory)
@@ -243,10 +243,12 @@ def plan_cmd(model, quant, shape, memory, mode, n, max_new_tokens, kv_type, prom
     import dataclasses
     import json
 
+    from edge_ms.modes import resolve_n
     from edge_ms.plan import plan_for, plan_table
 
-    p = plan_for(model, quant=quant, shape=shape, memory_bytes=_parse_size(memory), mode=mode, n=n,
-                 max_new_tokens=max_new_tokens, kv_type=kv_type, prompt_tokens=prompt_tokens, threads=threads)
+    label = mode if n is None else f"n={n}"
+    p = plan_for(model, quant=quant, shape=shape, memory_bytes=_parse_size(memory), n=resolve_n(mode, n),
+                 label=label, max_new_tokens=max_new_tokens, kv_type=kv_type, prompt_tokens=prompt_tokens, threads=threads)
     if as_json:
         out = dataclasses.asdict(p)
         for row in [out["requested"], *out["rows"]]:
@@ -290,8 +292,8 @@ def train_sprm_cmd(model, task, output, train_problems, heldout_problems, n, see
     from rich.progress import Progress
 
     from edge_ms.model import DeviceSettings
-    from edge_ms.reasoner import locate
     from edge_ms.sprm import TrainConfig, train_sprm
+    from edge_ms.store import locate
     from edge_ms.tasks import load_jsonl, make_problems
 
     out = Path(output)

@@ -21,23 +21,12 @@ import numpy as np
 from edge_ms.errors import EdgeMSError
 from edge_ms.head import Head
 from edge_ms.model import KV_TYPES, Model
+from edge_ms.plan import shape_estimate, shape_from_model
+from edge_ms.sampling import SamplingParams, make_sampler
 from edge_ms.score import StepTracker, candidate_positions, starts_step
 from edge_ms.tap import AbortFlag, Tap
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-trajectory sampling; defaults are those of the published evaluation (REFERENCE.md section 3)."""
-
-    temperature: float = 0.6
-    top_p: float = 0.95
-    repetition_penalty: float = 1.05
-    penalty_last_n: int = 64
-    seed: int = 0
-    max_new_tokens: int = 2048
-    stop: tuple[str, ...] = ()
 
 
 @dataclass
@@ -52,6 +41,10 @@ class Trajectory:
     stop_at: int | None = None  # byte offset where a stop string begins
     sampler: object = None
     rows: dict[int, np.ndarray] | None = None  # position -> tapped row, when the engine keeps them
+    # Where this sequence's logits (and tapped row) sit in the last decoded batch; -1 once it
+    # has finished (as in llama.cpp's examples/batched). After the prompt every sequence points
+    # at the prompt's last token, so the first round needs no special case.
+    i_batch: int = -1
 
     def step_rows(self) -> np.ndarray:
         """Hidden states of the scored positions (needs ``Engine(keep_rows=True)``), for training heads."""
@@ -87,7 +80,6 @@ class Event:
     score: float = 0.0
     finish_reason: str | None = None
     trajectories: list[Trajectory] | None = None
-    result: object = None  # set on the final event by Reasoner.stream
 
 
 @dataclass
@@ -106,21 +98,6 @@ class Stats:
 
 # A pruning rule: given every trajectory after a step, the indices of live ones to stop now.
 Pruner = Callable[[list[Trajectory]], list[int]]
-
-
-def _sampler(params: SamplingParams, n_vocab: int, seed: int):
-    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-    add = llama_cpp.llama_sampler_chain_add
-    if params.repetition_penalty != 1.0:
-        add(chain, llama_cpp.llama_sampler_init_penalties(n_vocab, params.penalty_last_n, params.repetition_penalty, 0.0, 0.0))
-    if params.temperature <= 0:
-        add(chain, llama_cpp.llama_sampler_init_greedy())
-        return chain
-    # Temperature before top-p, as in the published (vLLM / transformers) sampling.
-    add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
-    add(chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
-    add(chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-    return chain
 
 
 class Engine:
@@ -144,6 +121,7 @@ class Engine:
         self.tap_enabled = tap_enabled and head is not None
         self.abort = AbortFlag()
         self._ctx = None
+        self._mem = None
         self._ctx_key: tuple[int, int] | None = None
         self._tap: Tap | None = None
         self._batch = None
@@ -153,6 +131,11 @@ class Engine:
         # what differs, as llama.cpp's server does with cache_prompt.
         self._cached: list[int] = []
         self._cached_rows: dict[int, np.ndarray] = {}
+
+    @property
+    def scoring(self) -> bool:
+        """Whether steps are scored as they are sampled (a head, and the tap on)."""
+        return self.tap_enabled
 
     # -- context -----------------------------------------------------------------
 
@@ -170,8 +153,6 @@ class Engine:
             )
         n_ctx = n_prompt + n * max_new_tokens + 1
         if self.memory_budget_bytes is not None:
-            from edge_ms.plan import shape_estimate, shape_from_model
-
             batch = min(self.n_batch, self.n_ubatch or self.n_batch)
             est = shape_estimate(shape_from_model(m), n_ctx, n, m.settings.kv_type, n_prompt, batch)
             if est.total > self.memory_budget_bytes:
@@ -218,6 +199,7 @@ class Engine:
                 "lower --n / --mode or --max-new-tokens"
             )
         self._ctx = ctx
+        self._mem = llama_cpp.llama_get_memory(ctx)
         self._ctx_key = (n_ctx, n_seq)
         if self._batch_cap < n_batch:
             if self._batch is not None:
@@ -275,31 +257,71 @@ class Engine:
     ) -> Iterator[Event]:
         """Sample ``n`` trajectories after ``prompt_ids``; yields progress, then a ``done`` event.
 
-        Cancelling (``should_stop`` returning True, or :attr:`abort` set from another
-        thread) ends every live trajectory with finish_reason ``cancelled``.
+        The phases read top to bottom: prefill the prompt, fork it into ``n`` sequences,
+        then rounds of sample, score, retire, decode until no sequence is live. Cancelling
+        (``should_stop`` returning True, or :attr:`abort` set from another thread) ends every
+        live trajectory with finish_reason ``cancelled``.
         """
         t_start = time.perf_counter()
         stats = stats if stats is not None else Stats()
-        m = self.model
         if not prompt_ids:
             raise EdgeMSError("empty prompt: nothing to condition on")
-        n_prompt = len(prompt_ids)
-        n_ctx = self.plan_context(n_prompt, n, params.max_new_tokens)
+        n_ctx = self.plan_context(len(prompt_ids), n, params.max_new_tokens)
         ctx = self._context(n_ctx, n)
-        stats.n_ctx, stats.prompt_tokens = n_ctx, n_prompt
-        mem = llama_cpp.llama_get_memory(ctx)
+        stats.n_ctx, stats.prompt_tokens = n_ctx, len(prompt_ids)
         self.abort.clear()
-        spec = self.head.spec if self.head else None
-        delimiters = frozenset(spec.step_delimiter_ids) if spec else frozenset()
-        think_start = spec.think_start_id if spec else None
-        scoring = self.head is not None and self.tap_enabled
+        try:
+            prefill = self._prefill(ctx, prompt_ids, stats)
+        except _Aborted:
+            llama_cpp.llama_memory_clear(self._mem, True)
+            yield Event("done", trajectories=[])
+            return
+        trajs = self._fork(prompt_ids, n, params, prefill, stats)
+        completed = False
+        try:
+            live, batch_rows = trajs, prefill.last_rows
+            while live:
+                if should_stop is not None and should_stop():
+                    raise _Aborted()
+                events, to_score = self._sample_round(ctx, live, batch_rows, params, stats)
+                events += self._score_round(to_score, stats)
+                if prune is not None and to_score:
+                    _apply_prune(prune, trajs)
+                events += self._retire(live, len(prompt_ids))
+                yield from events
+                live = [t for t in live if t.live]
+                if live:
+                    batch_rows = self._decode_round(ctx, live, len(prompt_ids), stats)
+            completed = True
+        except _Aborted:
+            for traj in trajs:
+                if traj.live:
+                    traj.finish_reason = "cancelled"
+            llama_cpp.llama_memory_clear(self._mem, True)
+        finally:
+            for traj in trajs:
+                if traj.sampler is not None:
+                    llama_cpp.llama_sampler_free(traj.sampler)
+                    traj.sampler = None
+        if completed:
+            self._cached, self._cached_rows = list(prompt_ids), prefill.rows
+        stats.total_s = time.perf_counter() - t_start
+        yield Event("done", trajectories=trajs)
 
-        # Rows of the prompt positions that are step candidates (a later </think> or
-        # <think> can bring them into the scoring region), and of its last token.
-        prompt_cands = candidate_positions(prompt_ids, spec) if scoring else []
-        wanted = set(prompt_cands)
-        reuse = self._reusable(prompt_ids, prompt_cands)
-        rows: dict[int, np.ndarray] = {q: self._cached_rows[q] for q in prompt_cands if q < reuse}
+    # -- the phases of one generation ----------------------------------------------
+
+    def _prefill(self, ctx, prompt_ids: list[int], stats: Stats) -> _Prefill:
+        """Decode into sequence 0 what of the prompt it does not already hold.
+
+        Keeps the tapped rows of the prompt's step candidates (a later ``</think>`` or
+        ``<think>`` can bring them into the scoring region) and of the last chunk, whose
+        last row is the state every trajectory's first sampled token follows.
+        """
+        mem = self._mem
+        cands = candidate_positions(prompt_ids, self.head.spec) if self.scoring else []
+        wanted = set(cands)
+        reuse = self._reusable(prompt_ids, cands)
+        rows = {q: self._cached_rows[q] for q in cands if q < reuse}
         self._cached, self._cached_rows = [], {}
         if reuse:
             llama_cpp.llama_memory_seq_rm(mem, -1, reuse, -1)
@@ -307,126 +329,116 @@ class Engine:
         else:
             llama_cpp.llama_memory_clear(mem, True)
         stats.reused_prompt_tokens = reuse
-        last_row = None
+        n_prompt = len(prompt_ids)
         step = max(self._batch_cap, 1)
-        try:
-            for start in range(reuse, n_prompt, step):
-                chunk = prompt_ids[start : start + step]
-                items = [(t, start + i, 0, start + i == n_prompt - 1) for i, t in enumerate(chunk)]
-                t0 = time.perf_counter()
-                tapped = self._decode(ctx, items)
-                stats.decode_s += time.perf_counter() - t0
-                if tapped is not None:
-                    for q in range(start, start + len(chunk)):
-                        if q in wanted:
-                            rows[q] = tapped[q - start].copy()
-                    if start + len(chunk) == n_prompt:
-                        last_row = tapped[len(chunk) - 1].copy()
-        except _Aborted:
-            llama_cpp.llama_memory_clear(mem, True)
-            yield Event("done", trajectories=[])
-            return
+        tapped, chunk = None, []
+        for start in range(reuse, n_prompt, step):
+            chunk = prompt_ids[start : start + step]
+            items = [(t, start + i, 0, start + i == n_prompt - 1) for i, t in enumerate(chunk)]
+            t0 = time.perf_counter()
+            tapped = self._decode(ctx, items)
+            stats.decode_s += time.perf_counter() - t0
+            if tapped is not None:
+                for q in range(start, start + len(chunk)):
+                    if q in wanted:
+                        rows[q] = tapped[q - start].copy()
+        return _Prefill(cands, rows, tapped, len(chunk) - 1)
+
+    def _fork(self, prompt_ids: list[int], n: int, params: SamplingParams, prefill: _Prefill,
+              stats: Stats) -> list[Trajectory]:
+        """Score the prompt's candidates once, share the prompt's cells with ``n`` sequences."""
+        spec = self.head.spec if self.head else _NO_STEPS
+        cands = prefill.candidates
         t0 = time.perf_counter()
-        prompt_scores = self.head.score(np.stack([rows[q] for q in prompt_cands])) if prompt_cands else []
+        scores = self.head.score(np.stack([prefill.rows[q] for q in cands])) if cands else []
         stats.score_s += time.perf_counter() - t0
         for seq in range(1, n):
-            llama_cpp.llama_memory_seq_cp(mem, 0, seq, -1, -1)
-
-        base = StepTracker(spec, n_prompt) if spec else None
-        if base is not None:
-            for tok in prompt_ids:
-                base.add_token(tok)
-            for q, s in zip(prompt_cands, prompt_scores):
-                base.add_candidate(q, float(s))
-        trajs: list[Trajectory] = []
+            llama_cpp.llama_memory_seq_cp(self._mem, 0, seq, -1, -1)
+        base = StepTracker(spec, len(prompt_ids))
+        for tok in prompt_ids:
+            base.add_token(tok)
+        for q, s in zip(cands, scores):
+            base.add_candidate(q, float(s))
+        trajs = []
         for i in range(n):
-            tracker = (
-                StepTracker(spec, n_prompt, base.length, list(base.candidates), list(base.think_starts), list(base.think_ends))
-                if base
-                else StepTracker(_NO_STEPS, n_prompt)
-            )
-            traj = Trajectory(i, tracker, sampler=_sampler(params, m.n_vocab, params.seed + i))
+            traj = Trajectory(i, base.copy(), i_batch=prefill.last_index,
+                              sampler=make_sampler(params, self.model.n_vocab, params.seed + i, prompt_ids))
             if self.keep_rows:
-                traj.rows = {q: rows[q] for q in prompt_cands}
-            for tok in prompt_ids[-params.penalty_last_n :]:
-                llama_cpp.llama_sampler_accept(traj.sampler, tok)
+                traj.rows = {q: prefill.rows[q] for q in cands}
             trajs.append(traj)
+        return trajs
 
-        completed = False
-        try:
-            live = trajs
-            out_rows = None  # row j: hidden state of the token just decoded for live[j]
-            first = True
-            while live:
-                if should_stop is not None and should_stop():
-                    raise _Aborted()
-                to_score: list[tuple[Trajectory, int, np.ndarray]] = []
-                events: list[Event] = []
-                t0 = time.perf_counter()
-                for j, traj in enumerate(live):
-                    # After the prompt every trajectory samples from the same (last) logits.
-                    tok = llama_cpp.llama_sampler_sample(traj.sampler, ctx, -1 if first else j)
-                    prev = traj.tokens[-1] if traj.tokens else prompt_ids[-1]
-                    pos = n_prompt + len(traj.tokens)
-                    if scoring and starts_step(prev, tok, delimiters, think_start):
-                        to_score.append((traj, pos - 1, last_row if first else out_rows[j]))
-                    traj.tokens.append(tok)
-                    traj.tracker.add_token(tok)
-                    events.append(Event("token", traj.index, tok, len(traj.tokens)))
-                    if m.is_eog(tok):
-                        traj.finish_reason = "stop"
-                    else:
-                        traj.text += m.piece(tok)
-                        if params.stop and _hit_stop(traj, params.stop):
-                            traj.finish_reason = "stop"
-                        elif len(traj.tokens) >= params.max_new_tokens:
-                            traj.finish_reason = "length"
-                stats.sample_s += time.perf_counter() - t0
-                stats.generated_tokens += len(live)
-                if to_score:
-                    t0 = time.perf_counter()
-                    scores = self.head.score(np.stack([r for _, _, r in to_score]))
-                    stats.score_s += time.perf_counter() - t0
-                    for (traj, q, row), s in zip(to_score, scores):
-                        traj.tracker.add_candidate(q, float(s))
-                        if traj.rows is not None:
-                            traj.rows[q] = row.copy()
-                        events.append(Event("step", traj.index, None, len(traj.tokens), float(s), traj.score()))
-                if prune is not None and to_score:
-                    for idx in prune(trajs):
-                        if trajs[idx].live:
-                            trajs[idx].finish_reason = "pruned"
-                for traj in live:
-                    if not traj.live:
-                        # Only its own tokens: the prompt cells stay for the next call to reuse.
-                        llama_cpp.llama_memory_seq_rm(mem, traj.index, n_prompt, -1)
-                        events.append(
-                            Event("finish", traj.index, None, len(traj.tokens), None, traj.score(), traj.finish_reason)
-                        )
-                yield from events
-                live = [t for t in live if t.live]
-                if not live:
-                    break
-                items = [(t.tokens[-1], n_prompt + len(t.tokens) - 1, t.index, True) for t in live]
-                t0 = time.perf_counter()
-                out_rows = self._decode(ctx, items)
-                stats.decode_s += time.perf_counter() - t0
-                first = False
-            completed = True
-        except _Aborted:
-            for traj in trajs:
-                if traj.live:
-                    traj.finish_reason = "cancelled"
-            llama_cpp.llama_memory_clear(mem, True)
-        finally:
-            for traj in trajs:
-                if traj.sampler is not None:
-                    llama_cpp.llama_sampler_free(traj.sampler)
-                    traj.sampler = None
-        if completed:
-            self._cached, self._cached_rows = list(prompt_ids), rows
-        stats.total_s = time.perf_counter() - t_start
-        yield Event("done", trajectories=trajs)
+    def _sample_round(self, ctx, live: list[Trajectory], batch_rows: np.ndarray | None, params: SamplingParams,
+                      stats: Stats) -> tuple[list[Event], list[tuple[Trajectory, int, np.ndarray]]]:
+        """Sample one token per live trajectory from its logits in the last batch.
+
+        Returns the token events and the step candidates to score: a trajectory whose new
+        token starts a step has the hidden state of the token before it scored (rules 1-4).
+        """
+        m = self.model
+        spec = self.head.spec if self.head else _NO_STEPS
+        delimiters = frozenset(spec.step_delimiter_ids)
+        events: list[Event] = []
+        to_score = []
+        t0 = time.perf_counter()
+        for traj in live:
+            tok = llama_cpp.llama_sampler_sample(traj.sampler, ctx, traj.i_batch)
+            prev = traj.tracker.last_token
+            if self.scoring and starts_step(prev, tok, delimiters, spec.think_start_id):
+                to_score.append((traj, traj.tracker.length - 1, batch_rows[traj.i_batch]))
+            traj.tokens.append(tok)
+            traj.tracker.add_token(tok)
+            events.append(Event("token", index=traj.index, token=tok, n_tokens=len(traj.tokens)))
+            if m.is_eog(tok):
+                traj.finish_reason = "stop"
+                continue
+            traj.text += m.piece(tok)
+            if params.stop and _hit_stop(traj, params.stop):
+                traj.finish_reason = "stop"
+            elif len(traj.tokens) >= params.max_new_tokens:
+                traj.finish_reason = "length"
+        stats.sample_s += time.perf_counter() - t0
+        stats.generated_tokens += len(live)
+        return events, to_score
+
+    def _score_round(self, to_score: list[tuple[Trajectory, int, np.ndarray]], stats: Stats) -> list[Event]:
+        """Run the head once over every step candidate of the round (rules 1-4 hold; rule 5 applies on read)."""
+        if not to_score:
+            return []
+        t0 = time.perf_counter()
+        scores = self.head.score(np.stack([row for _, _, row in to_score]))
+        stats.score_s += time.perf_counter() - t0
+        events = []
+        for (traj, q, row), s in zip(to_score, scores):
+            traj.tracker.add_candidate(q, float(s))
+            if traj.rows is not None:
+                traj.rows[q] = row.copy()
+            events.append(Event("step", index=traj.index, n_tokens=len(traj.tokens), step_score=float(s), score=traj.score()))
+        return events
+
+    def _retire(self, live: list[Trajectory], n_prompt: int) -> list[Event]:
+        """Free the cells of trajectories that ended this round; their logits index becomes -1."""
+        events = []
+        for traj in live:
+            if traj.live:
+                continue
+            traj.i_batch = -1
+            # Only its own tokens: the prompt cells stay for the next call to reuse.
+            llama_cpp.llama_memory_seq_rm(self._mem, traj.index, n_prompt, -1)
+            events.append(Event("finish", index=traj.index, n_tokens=len(traj.tokens), score=traj.score(),
+                                finish_reason=traj.finish_reason))
+        return events
+
+    def _decode_round(self, ctx, live: list[Trajectory], n_prompt: int, stats: Stats) -> np.ndarray | None:
+        """Decode every live trajectory's newest token in one batch; each keeps its index in it."""
+        items = []
+        for j, traj in enumerate(live):
+            items.append((traj.tokens[-1], n_prompt + len(traj.tokens) - 1, traj.index, True))
+            traj.i_batch = j
+        t0 = time.perf_counter()
+        rows = self._decode(ctx, items)
+        stats.decode_s += time.perf_counter() - t0
+        return rows
 
     def _reusable(self, prompt_ids: list[int], prompt_cands: list[int]) -> int:
         """How many leading prompt tokens seq 0 already holds, with every tapped row they need."""
@@ -442,6 +454,22 @@ class Engine:
 
 class _Aborted(Exception):
     pass
+
+
+@dataclass
+class _Prefill:
+    """What the prompt left behind: its scored candidates' rows, and the last batch's rows."""
+
+    candidates: list[int]
+    rows: dict[int, np.ndarray]
+    last_rows: np.ndarray | None
+    last_index: int  # the prompt's last token in the last batch: where its logits are
+
+
+def _apply_prune(prune: Pruner, trajs: list[Trajectory]) -> None:
+    for idx in prune(trajs):
+        if trajs[idx].live:
+            trajs[idx].finish_reason = "pruned"
 
 
 @dataclass(frozen=True)

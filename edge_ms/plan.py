@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge_ms.errors import EdgeMSError, fail
+from edge_ms.modes import MODES
+from edge_ms.store import locate
 
 if TYPE_CHECKING:
     from edge_ms.model import Model
@@ -29,6 +31,7 @@ __all__ = [
     "ENGINE_BATCH",
     "KV_BYTES_PER_VALUE",
     "PRESETS",
+    "available_memory",
     "MemoryEstimate",
     "ModelShape",
     "Plan",
@@ -96,6 +99,18 @@ class MemoryEstimate:
         return (
             self.weights + self.kv_cache + self.compute + self.outputs + self.tap + self.head + self.runtime
         )
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (Linux: MemAvailable; else total physical)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def context_cells(n_prompt: int, n: int, max_new_tokens: int) -> int:
@@ -419,8 +434,8 @@ def plan(
     shape: ModelShape,
     memory_bytes: int | None = None,
     *,
-    mode: str = "medium",
-    n: int | None = None,
+    n: int = MODES["medium"],
+    label: str | None = None,
     max_new_tokens: int = 1024,
     kv_type: str = "f16",
     prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
@@ -429,12 +444,12 @@ def plan(
 ) -> Plan:
     """What fits in ``memory_bytes`` (default: 80% of ``available_bytes``, or of the memory available now).
 
-    ``requested`` is the configuration asked for; ``rows`` cover every mode with both KV-cache
-    types at the same ``max_new_tokens``, each with the most new tokens that would fit.
+    ``requested`` is the configuration asked for (N = ``n``, shown as ``label``, by default the
+    mode of that N or "n=N"); ``rows`` cover every mode with both KV-cache types at the same
+    ``max_new_tokens``, each with the most new tokens that would fit.
     """
-    from edge_ms.reasoner import MODES, available_memory, resolve_n
-
-    n_seq = resolve_n(mode, n)
+    if n < 1:
+        raise EdgeMSError(f"--n {n}: need at least one trajectory")
     if max_new_tokens < 1:
         raise EdgeMSError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
     if prompt_tokens < 1:
@@ -453,11 +468,12 @@ def plan(
         )
     else:
         budget, source = memory_bytes, "--memory"
-    label = mode if n is None else f"n={n}"
-    requested = _row(shape, label, n_seq, kv_type, max_new_tokens, prompt_tokens, budget)
+    if label is None:
+        label = next((name for name, count in MODES.items() if count == n), f"n={n}")
+    requested = _row(shape, label, n, kv_type, max_new_tokens, prompt_tokens, budget)
     configs = list(MODES.items())
-    if n_seq not in MODES.values():
-        configs.append((label, n_seq))
+    if n not in MODES.values():
+        configs.append((label, n))
     rows = [
         _row(shape, name, count, kv, max_new_tokens, prompt_tokens, budget)
         for name, count in sorted(configs, key=lambda c: c[1])
@@ -479,8 +495,6 @@ def plan_for(
         if model is not None:
             raise EdgeMSError("--shape and --model: give one of them")
         return plan(preset_shape(shape, quant or "q4_k_m"), **kwargs)
-    from edge_ms.reasoner import locate
-
     gguf_path, _ = locate(model, quant)
     return plan(shape_from_gguf(gguf_path), **kwargs)
 

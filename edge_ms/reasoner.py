@@ -7,13 +7,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edge_ms.engine import Engine, Event, Pruner, SamplingParams, Stats
+from edge_ms.answers import extract_answer
+from edge_ms.engine import Engine, Event, Pruner, Stats, Trajectory
 from edge_ms.errors import EdgeMSError, fail
 from edge_ms.head import Head, load_head
 from edge_ms.model import DeviceSettings, Model
+from edge_ms.modes import resolve_n
+from edge_ms.plan import DEFAULT_BUDGET_FRACTION, available_memory
+from edge_ms.sampling import SamplingParams
 from edge_ms.select import STRATEGIES, PruneRule, select
-
-MODES = {"low": 2, "medium": 8, "high": 32}
+from edge_ms.store import locate
 
 
 @dataclass
@@ -40,6 +43,14 @@ class Candidate:
             "score": self.score,
             "finish_reason": self.finish_reason,
         }
+
+
+@dataclass
+class Done:
+    """The last item :meth:`Reasoner.stream` yields: the chosen trajectory and all the others."""
+
+    result: Result
+    kind: str = "done"
 
 
 @dataclass
@@ -72,16 +83,6 @@ class Result:
         }
 
 
-def resolve_n(mode: str, n: int | None) -> int:
-    if n is not None:
-        if n < 1:
-            raise EdgeMSError(f"--n {n}: need at least one trajectory")
-        return n
-    if mode not in MODES:
-        raise EdgeMSError(f"--mode {mode}: unknown mode (choose from {', '.join(MODES)})")
-    return MODES[mode]
-
-
 def check_head(model: Model, head: Head) -> None:
     """Refuse a head that was not trained on this backbone."""
     spec = head.spec
@@ -96,38 +97,11 @@ def check_head(model: Model, head: Head) -> None:
         )
 
 
-def available_memory() -> int:
-    """Bytes of memory available to a new allocation (Linux: MemAvailable; else total physical)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def _split_answer(text: str, think_end: str | None) -> tuple[str, str]:
     if think_end and think_end in text:
         reasoning, _, answer = text.partition(think_end)
         return reasoning.strip(), answer.strip()
     return "", text.strip()
-
-
-def locate(model: str | Path | None, quant: str | None = None, head: str | Path | None = None) -> tuple[Path, Path | None]:
-    """(GGUF, head or None) of a GGUF file, a store name or directory, or the embedded default (None)."""
-    if model is not None and Path(model).is_file():
-        return Path(model), Path(head) if head else None
-    if model is None:
-        from edge_ms.default_model import default_model_files
-
-        gguf, default_head = default_model_files()
-        return gguf, Path(head) if head else default_head
-    from edge_ms.store import resolve_model
-
-    files = resolve_model(model, quant)
-    return files.gguf, Path(head) if head else files.head
 
 
 class Reasoner:
@@ -152,8 +126,6 @@ class Reasoner:
         n_ubatch: int | None = None,
     ) -> Reasoner:
         """Load a model directory, a store name, a GGUF file (+ ``head``), or the embedded default (None)."""
-        from edge_ms.plan import DEFAULT_BUDGET_FRACTION
-
         gguf, head_path = locate(model, quant, head)
         if head_path is None:
             raise fail(gguf, "no SPRM head given (pass head=... / --head FILE.sprm.onnx)")
@@ -200,8 +172,8 @@ class Reasoner:
         strategy: str = "best",
         prune: Pruner | None = None,
         should_stop: Callable[[], bool] | None = None,
-    ) -> Iterator[Event]:
-        """Like :meth:`solve`, yielding progress events; the last one (kind ``done``) has ``.result``."""
+    ) -> Iterator[Event | Done]:
+        """Like :meth:`solve`, yielding the engine's progress events, then one :class:`Done`."""
         n_seq = resolve_n(mode, n)
         if strategy not in STRATEGIES:
             raise EdgeMSError(f"--strategy {strategy}: unknown (choose from {', '.join(STRATEGIES)})")
@@ -209,7 +181,8 @@ class Reasoner:
             seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
         if strategy == "prune" and prune is None:
             prune = PruneRule()
-        params = SamplingParams(temperature, top_p, repetition_penalty, 64, seed, max_new_tokens, tuple(stop))
+        params = SamplingParams(temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
+                                seed=seed, max_new_tokens=max_new_tokens, stop=tuple(stop))
         ids = self.prompt_ids(prompt, raw)
         stats = Stats()
         for event in self.engine.generate(ids, n_seq, params, prune=prune, should_stop=should_stop, stats=stats):
@@ -217,31 +190,27 @@ class Reasoner:
                 yield event
                 continue
             cands = [self._candidate(t) for t in event.trajectories]
-            if not cands:  # cancelled during the prompt
-                event.result = Result(mode, n_seq, -1, "", ids, [], strategy, seed, stats)
-                yield event
-                return
-            chosen = select(cands, strategy)
-            event.result = Result(mode, n_seq, chosen, cands[chosen].answer, ids, cands, strategy, seed, stats)
-            yield event
+            # No candidates: cancelled during the prompt.
+            chosen = select(cands, strategy) if cands else -1
+            yield Done(Result(mode=mode, n=n_seq, selected=chosen, answer=cands[chosen].answer if cands else "",
+                              prompt_token_ids=ids, candidates=cands, strategy=strategy, seed=seed, stats=stats))
 
     def solve(self, prompt: str | list[dict[str, str]], mode: str = "medium", n: int | None = None,
               on_event: Callable[[Event], None] | None = None, **kwargs) -> Result:
         """Sample N trajectories (mode low/medium/high = 2/8/32), score their steps, return the selection."""
         for event in self.stream(prompt, mode, n, **kwargs):
-            if event.kind == "done":
+            if isinstance(event, Done):
                 return event.result
             if on_event is not None:
                 on_event(event)
         raise RuntimeError("generation ended without a result")
 
-    def _candidate(self, traj) -> Candidate:
-        from edge_ms.tasks import extract_answer
-
+    def _candidate(self, traj: Trajectory) -> Candidate:
         positions, scores = traj.steps()
         text = traj.decoded()
         reasoning, answer = _split_answer(text, self._think_end_text)
         return Candidate(
-            traj.index, text, list(traj.tokens), positions, scores, traj.score(), traj.finish_reason,
-            reasoning, answer, extract_answer(answer or text),
+            index=traj.index, text=text, token_ids=list(traj.tokens), step_positions=positions,
+            step_scores=scores, score=traj.score(), finish_reason=traj.finish_reason,
+            reasoning=reasoning, answer=answer, answer_key=extract_answer(answer or text),
         )

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 
@@ -88,14 +88,21 @@ class StepTracker:
     candidates: list[tuple[int, float]] = field(default_factory=list)
     think_starts: list[int] = field(default_factory=list)
     think_ends: list[int] = field(default_factory=list)
+    last_token: int | None = None  # the token at position length - 1
 
     def add_token(self, token: int) -> None:
         """Record the token at position ``self.length``."""
+        self.last_token = token
         if token == self.rules.think_start_id:
             self.think_starts.append(self.length)
         if token == self.rules.think_end_id:
             self.think_ends.append(self.length)
         self.length += 1
+
+    def copy(self) -> StepTracker:
+        """An independent tracker with the same history (a fork of the sequence)."""
+        return replace(self, candidates=list(self.candidates), think_starts=list(self.think_starts),
+                       think_ends=list(self.think_ends))
 
     def add_candidate(self, position: int, score: float) -> None:
         self.candidates.append((position, score))

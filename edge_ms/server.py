@@ -26,7 +26,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from edge_ms.errors import EdgeMSError
-from edge_ms.reasoner import MODES, Reasoner, Result
+from edge_ms.modes import MODES
+from edge_ms.reasoner import Reasoner, Result
 
 __all__ = ["ApiError", "create_app", "parse_request", "serve"]
 

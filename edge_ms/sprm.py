@@ -21,14 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_ms.answers import extract_answer, is_correct
 from edge_ms.atomic import atomic_write
-from edge_ms.engine import Engine, SamplingParams
+from edge_ms.engine import Engine
 from edge_ms.errors import EdgeMSError, fail
 from edge_ms.head import HeadSpec, load_head, write_head
 from edge_ms.model import DeviceSettings, Model
+from edge_ms.sampling import SamplingParams
 from edge_ms.score import trajectory_score
 from edge_ms.select import best_of_n, majority_vote, weighted_vote
-from edge_ms.tasks import Problem, chat_messages, extract_answer, is_correct
+from edge_ms.tasks import Problem, chat_messages
 from edge_ms.train import EpochLog, auc, init_head, plot_scores, train_head
 
 log = logging.getLogger(__name__)
@@ -130,7 +132,8 @@ def request(model: Model, problem: Problem, i: int, seed: int, max_new_tokens: i
             top_p: float = 0.95) -> tuple[list[int], SamplingParams]:
     """Prompt ids and sampling of problem ``i`` of a run: seed ``seed * 100003 + i * 101``."""
     ids = model.tokenize(model.apply_chat_template(chat_messages(problem)), add_special=False)
-    return ids, SamplingParams(temperature, top_p, 1.0, 64, seed * 100_003 + i * 101, max_new_tokens)
+    return ids, SamplingParams(temperature=temperature, top_p=top_p, repetition_penalty=1.0,
+                               seed=seed * 100_003 + i * 101, max_new_tokens=max_new_tokens)
 
 
 def _sample_shard(engine, indexed, n, seed, max_new_tokens, temperature, top_p, on_problem, cache):

@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_ms.default_model import default_model_files
 from edge_ms.errors import EdgeMSError, fail
 from edge_ms.head import load_head
 
@@ -24,6 +25,7 @@ __all__ = [
     "ModelInfo",
     "default_name",
     "list_models",
+    "locate",
     "models_dir",
     "pull",
     "resolve_model",
@@ -84,6 +86,17 @@ def models_dir() -> Path:
 def default_name(repo_id: str) -> str:
     """The store name of a Hub repo: its name part, lower-cased (``Org/Model-1.5B`` -> ``model-1.5b``)."""
     return repo_id.rstrip("/").rsplit("/", 1)[-1].lower()
+
+
+def locate(model: str | Path | None, quant: str | None = None, head: str | Path | None = None) -> tuple[Path, Path | None]:
+    """(GGUF, head or None) of a GGUF file, a store name or directory, or the embedded default (None)."""
+    if model is not None and Path(model).is_file():
+        return Path(model), Path(head) if head else None
+    if model is None:
+        gguf, default_head = default_model_files()
+        return gguf, Path(head) if head else default_head
+    files = resolve_model(model, quant)
+    return files.gguf, Path(head) if head else files.head
 
 
 def resolve_model(model: str | Path, quant: str | None = None) -> ModelFiles:

@@ -88,7 +88,7 @@ def test_stop_strings_and_length(converted):
 def test_finished_sequences_free_their_cells(converted):
     import llama_cpp
 
-    from edge_ms.engine import SamplingParams
+    from edge_ms.sampling import SamplingParams
 
     r = Reasoner.load(converted("tiny-qwen2", "f32"))
     try:
@@ -105,7 +105,8 @@ def test_finished_sequences_free_their_cells(converted):
 
 
 def _run(engine, ids, n=3, seed=4):
-    from edge_ms.engine import SamplingParams, Stats
+    from edge_ms.engine import Stats
+    from edge_ms.sampling import SamplingParams
 
     stats = Stats()
     # Greedy: reusing the prefix changes micro-batch composition, which moves logits by

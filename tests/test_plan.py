@@ -168,7 +168,7 @@ def test_max_new_tokens_that_fit_is_the_boundary():
 
 
 def test_plan_rows_cover_every_mode_and_kv_type():
-    p = plan(S15, 4 * GIB, mode="high", max_new_tokens=4096)
+    p = plan(S15, 4 * GIB, n=32, label="high", max_new_tokens=4096)
     assert [(r.label, r.n, r.kv_type) for r in p.rows] == [
         ("low", 2, "f16"),
         ("low", 2, "q8_0"),

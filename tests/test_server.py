@@ -15,7 +15,8 @@ import uvicorn
 from openai import APITimeoutError, AuthenticationError, BadRequestError, OpenAI, RateLimitError
 
 from edge_ms.model import DeviceSettings
-from edge_ms.reasoner import MODES, Reasoner
+from edge_ms.modes import MODES
+from edge_ms.reasoner import Reasoner
 from edge_ms.server import create_app
 
 try:

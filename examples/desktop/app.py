@@ -41,7 +41,7 @@ from PySide6.QtWidgets import (
 )
 
 from edge_ms.errors import EdgeMSError
-from edge_ms.reasoner import MODES
+from edge_ms.modes import MODES
 
 FLUSH_S = 0.05  # the worker batches events: one signal per 50 ms, not one per token
 

@@ -11,7 +11,8 @@ logging.basicConfig(level=logging.DEBUG, format="%(message)s", stream=sys.stdout
 import edge_ms  # noqa: E402, F401, I001  (first: it loads onnx before llama.cpp, see edge_ms/__init__.py)
 import llama_cpp  # noqa: E402
 
-from edge_ms.engine import Engine, SamplingParams  # noqa: E402
+from edge_ms.engine import Engine  # noqa: E402
+from edge_ms.sampling import SamplingParams  # noqa: E402
 from edge_ms.head import load_head  # noqa: E402
 from edge_ms.model import DeviceSettings, Model  # noqa: E402
 
