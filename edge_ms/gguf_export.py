@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import logging
 import math
 import os
@@ -22,6 +21,7 @@ import gguf
 import numpy as np
 
 from edge_ms.errors import EdgeMSError, fail
+from edge_ms.jsonio import load_json
 from edge_ms.safetensors_io import TensorEntry, convert_into
 
 __all__ = [
@@ -83,12 +83,7 @@ class Vocab:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise fail(path, "file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise fail(path, f"not valid JSON ({err})") from None
+    data = load_json(path)
     if not isinstance(data, dict):
         raise fail(path, "not a JSON object")
     return data

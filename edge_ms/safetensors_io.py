@@ -8,7 +8,6 @@ then the data block; offsets are relative to the start of the data block.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_ms.errors import fail
+from edge_ms.jsonio import load_json, parse_json
 
 __all__ = [
     "DTYPE_SIZES",
@@ -42,6 +42,8 @@ _CHUNK = 4 * 1024 * 1024
 
 # A header larger than this is not a weights file (real headers are well under 10 MB).
 _MAX_HEADER = 100 * 1024 * 1024
+# An index maps each tensor name to a shard: tens of KB even for a 32B model.
+_MAX_INDEX = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -71,10 +73,7 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, TensorEntry]:
             raw = f.read(n)
     except OSError as err:
         raise fail(path, f"cannot read safetensors file: {err.strerror or err}") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise fail(path, f"corrupt safetensors header: not JSON ({err})") from None
+    header = parse_json(raw, path, "corrupt safetensors header: ")
     if not isinstance(header, dict):
         raise fail(path, "corrupt safetensors header: not a JSON object")
 
@@ -122,14 +121,11 @@ def open_checkpoint(hf_dir: str | os.PathLike[str]) -> dict[str, TensorEntry]:
     """All tensors of a Hugging Face checkpoint dir: ``model.safetensors`` or a sharded index."""
     hf_dir = Path(hf_dir)
     index_path = hf_dir / INDEX_NAME
-    if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-            weight_map = index["weight_map"]
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise TypeError
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-            raise fail(index_path, "not a valid safetensors index (needs a 'weight_map' object)") from None
+    if index_path.exists() or index_path.is_symlink():  # a broken one is an error, not "no index"
+        index = load_json(index_path, _MAX_INDEX, "not a safetensors index: ")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise fail(index_path, "not a valid safetensors index (needs a 'weight_map' object)")
         entries: dict[str, TensorEntry] = {}
         for shard in sorted(set(weight_map.values())):
             shard_path = hf_dir / shard

@@ -273,6 +273,30 @@ BAD_INPUTS = {
         "names shard 'model-00003-of-00003.safetensors', which does not exist",
     ),
     "malicious_head": ("tiny-qwen2", _malicious_head, "score_module.pt", "refused global"),
+    "deep_config": (
+        "tiny-qwen2",
+        lambda hf, m: (hf / "config.json").write_text("[" * 100_000 + "]" * 100_000),
+        "config.json",
+        "not valid JSON (nested too deeply)",
+    ),
+    "config_not_utf8": (
+        "tiny-qwen2",
+        lambda hf, m: (hf / "config.json").write_bytes(b'{"a": "\xff"}'),
+        "config.json",
+        "not valid JSON (not UTF-8 at byte 7)",
+    ),
+    "config_is_a_directory": (
+        "tiny-qwen2",
+        lambda hf, m: ((hf / "config.json").unlink(), (hf / "config.json").mkdir()),
+        "config.json",
+        "not a regular file",
+    ),
+    "deep_index": (
+        "tiny-qwen2-sharded",
+        lambda hf, m: (hf / "model.safetensors.index.json").write_text('{"weight_map": ' + "[" * 100_000),
+        "model.safetensors.index.json",
+        "not valid JSON (nested too deeply)",
+    ),
     "gpt2_pretokenizer": (
         "tiny-qwen2",
         lambda hf, m: _edit_json(

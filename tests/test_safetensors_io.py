@@ -90,13 +90,22 @@ def _rewrite_header(path: Path, edit) -> None:
     path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
 
 
+def _replace_header(path: Path, new: bytes) -> None:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
+
+
 @pytest.mark.parametrize(
     "damage, message",
     [
         (lambda p: p.write_bytes(p.read_bytes()[:-100]), "truncated safetensors file"),
         (lambda p: p.write_bytes(p.read_bytes()[:5]), "truncated safetensors file"),
         (lambda p: p.write_bytes(struct.pack("<Q", 10**12) + p.read_bytes()[8:]), "header length"),
-        (lambda p: p.write_bytes(p.read_bytes()[:8] + b"{not json" + p.read_bytes()[17:]), "not JSON"),
+        (lambda p: p.write_bytes(p.read_bytes()[:8] + b"{not json" + p.read_bytes()[17:]), "not valid JSON"),
+        # As deep as the header length allows: json's recursion limit, not a traceback.
+        (lambda p: _replace_header(p, b"[" * 100_000 + b"]" * 100_000), "not valid JSON (nested too deeply)"),
+        (lambda p: _replace_header(p, b'{"w": "\xff"}'), "not valid JSON (not UTF-8 at byte 7)"),
         (lambda p: _rewrite_header(p, lambda h: h["w"].update(dtype="I64")), "dtype 'I64'"),
         (lambda p: _rewrite_header(p, lambda h: h["w"].update(shape=[64, 65])), "needs 8320 bytes"),
         (lambda p: _rewrite_header(p, lambda h: h["b"].update(data_offsets=[10**9, 10**9 + 256])), "ends at"),
@@ -123,3 +132,26 @@ def test_index_naming_missing_shard(tmp_path):
 def test_no_weights(tmp_path):
     with pytest.raises(EdgeMSError, match="no weights"):
         open_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "index, message",
+    [
+        ("[" * 100_000 + "]" * 100_000, "not a safetensors index: not valid JSON (nested too deeply)"),
+        ('{"weight_map": ', "not a safetensors index: not valid JSON (Expecting value: line 1 column 16"),
+        ("[1, 2]", "not a valid safetensors index (needs a 'weight_map' object)"),
+        ('{"weight_map": {"w": 1}}', "not a valid safetensors index (needs a 'weight_map' object)"),
+        (None, "not a regular file"),
+    ],
+    ids=["deep", "syntax", "list", "bad-map", "directory"],
+)
+def test_bad_index_is_one_line_naming_it(tmp_path, index, message):
+    path = tmp_path / "model.safetensors.index.json"
+    if index is None:
+        path.mkdir()
+        (tmp_path / "model.safetensors").write_bytes(b"")  # the index is looked for first
+    else:
+        path.write_text(index)
+    with pytest.raises(EdgeMSError) as err:
+        open_checkpoint(tmp_path)
+    assert str(err.value).startswith(f"{path}: {message}"), err.value
