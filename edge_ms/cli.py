@@ -125,14 +125,6 @@ def solve(prompt, model, quant, head, threads, n_gpu_layers, kv_type, extra_buft
     click.echo(result.answer)
 
 
-def _human_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 @main.command("pull")
 @click.argument("repo_id")
 # The same list as edge_ms.store.QUANTS, spelled out so `--help` does not import onnxruntime.
@@ -170,17 +162,25 @@ def list_cmd(as_json) -> None:
         click.echo(f"no models in {models_dir()}; add one with `edge-ms pull REPO_ID`")
         return
     from rich.console import Console
+    from rich.measure import Measurement
     from rich.table import Table
     from rich.text import Text
 
+    from edge_ms.sizes import human_size
+
     table = Table("name", "quants", "size", "fingerprint", "path")
-    for column in table.columns[:4]:
-        column.no_wrap = True  # only the path may fold, so names and fingerprints stay copyable
-    table.columns[4].overflow = "fold"
+    for column in table.columns:
+        column.no_wrap = True  # names, fingerprints and paths are copied: never cut or folded
     for m in models:
-        fp = Text(m.fingerprint or "-") if m.note is None else Text(f"broken: {m.note}", style="red")
-        table.add_row(Text(m.name), ", ".join(m.quants) or "-", _human_size(m.size_bytes), fp, Text(str(m.path)))
-    Console().print(table)
+        fp = Text(m.fingerprint or "-") if m.note is None else Text("broken", style="red")
+        table.add_row(Text(m.name), ", ".join(m.quants) or "-", human_size(m.size_bytes), fp, Text(str(m.path)))
+    console = Console()
+    # Rich cuts a table at the console's width (80 columns when piped): widen it to fit instead.
+    width = Measurement.get(console, console.options.update(width=1 << 16), table).maximum
+    Console(width=max(console.width, width)).print(table)
+    for m in models:
+        if m.note is not None:
+            click.echo(f"{m.name}: broken: {m.note}")
 
 
 @main.command("convert")

@@ -50,6 +50,7 @@ HF_ALLOW_PATTERNS = [
     "score_module.pt",
 ]
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SET_HOME = "set EDGE_MS_HOME to a directory you can write"
 
 
 @dataclass(frozen=True)
@@ -113,12 +114,15 @@ def resolve_model(model: str | Path, quant: str | None = None) -> ModelFiles:
     for candidate in (text, default_name(text)):
         if _NAME_RE.match(candidate) and (store / candidate).is_dir():
             return _model_files(store / candidate, candidate, quant)
-    names = [m.name for m in _entries()]
-    have = (
-        f"store has: {', '.join(names)}"
-        if names
-        else f"the store at {store} is empty; use `edge-ms pull REPO_ID`"
-    )
+    try:
+        names = [m.name for m in _entries()]
+        have = (
+            f"store has: {', '.join(names)}"
+            if names
+            else f"the store at {store} is empty; use `edge-ms pull REPO_ID`"
+        )
+    except EdgeMSError as err:  # the store itself is broken: say so rather than what it holds
+        have = str(err)
     if path.exists():
         raise fail(model, f"not a model directory ({have})")
     raise fail(model, f"no such model directory or store name ({have})")
@@ -128,21 +132,30 @@ def list_models() -> list[ModelInfo]:
     """Every entry of the store, sorted by name; a broken entry is listed with a ``note``, not raised."""
     out = []
     for entry in _entries():
-        size = sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
-        heads, ggufs = _scan(entry)
-        quants = tuple(sorted({q for q in ggufs if q}, key=_quant_rank))
-        fingerprint, notes = None, []
-        if len(heads) != 1:
-            notes.append("no *.sprm.onnx head" if not heads else f"{len(heads)} heads")
-        else:
-            try:
-                fingerprint = load_head(heads[0]).spec.backbone_fingerprint
-            except EdgeMSError as err:
-                notes.append(str(err))
-        if not ggufs:
-            notes.append("no .gguf file")
-        out.append(ModelInfo(entry.name, entry, quants, size, fingerprint, "; ".join(notes) or None))
+        try:
+            out.append(_inspect(entry))
+        except OSError as err:  # e.g. an entry directory that cannot be read
+            out.append(ModelInfo(entry.name, entry, (), 0, None, f"cannot read: {err.strerror or err}"))
     return out
+
+
+def _inspect(entry: Path) -> ModelInfo:
+    size = sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
+    heads, ggufs = _scan(entry)
+    quants = tuple(sorted({q for q in ggufs if q}, key=_quant_rank))
+    fingerprint, notes = None, []
+    if len(heads) != 1:
+        notes.append("no *.sprm.onnx head" if not heads else f"{len(heads)} heads")
+    else:
+        try:
+            fingerprint = load_head(heads[0]).spec.backbone_fingerprint
+        except EdgeMSError as err:
+            notes.append(str(err))
+        except Exception as err:  # noqa: BLE001 - one unloadable head must not hide the other entries
+            notes.append(f"{heads[0]}: cannot load the head ({type(err).__name__})")
+    if not ggufs:
+        notes.append("no .gguf file")
+    return ModelInfo(entry.name, entry, quants, size, fingerprint, "; ".join(notes) or None)
 
 
 def pull(
@@ -170,14 +183,14 @@ def pull(
     if (dest / gguf_name).exists() and not force:
         raise fail(dest / gguf_name, "already in the store; pass --force to download and convert again")
 
-    hf_dir = _download(repo_id, revision)
-    # Imported here: resolving a model for a run must not pay for loading the converter.
-    from edge_ms.convert import convert
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # Staged beside the final directory (same filesystem) so every move below is a rename.
-    staging = Path(tempfile.mkdtemp(prefix=f".pull-{name}-", dir=dest.parent))
+    # Staged beside the final directory (same filesystem) so every move below is a rename; made
+    # before the download so that a store that cannot be written fails at once, not after it.
+    staging = _staging(dest.parent, name)
     try:
+        hf_dir = _download(repo_id, revision)
+        # Imported here: resolving a model for a run must not pay for loading the converter.
+        from edge_ms.convert import convert
+
         out = staging / "out"
         result = convert(hf_dir, out, quant=quant, force=False)
         # The converter names files after the snapshot directory (a commit hash in the Hub cache).
@@ -229,6 +242,15 @@ def _install(out: Path, dest: Path, gguf_name: str, name: str, repo_id: str, for
     return ModelFiles(name, dest / gguf_name, dest / f"{name}{HEAD_SUFFIX}")
 
 
+def _staging(models: Path, name: str) -> Path:
+    _check_root()
+    try:
+        models.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".pull-{name}-", dir=models))
+    except OSError as err:
+        raise fail(models, f"cannot write to the model store ({_SET_HOME}): {err.strerror or err}") from None
+
+
 def _check_repo_id(repo_id: str) -> None:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
@@ -276,11 +298,21 @@ def _download(repo_id: str, revision: str | None) -> Path:
         raise fail(where, f"download failed: {_first_line(err)}") from None
 
 
+def _check_root() -> None:
+    for path in (store_root(), models_dir()):
+        if path.exists() and not path.is_dir():
+            raise fail(path, f"the model store is not a directory ({_SET_HOME})")
+
+
 def _entries() -> list[Path]:
+    _check_root()
     store = models_dir()
-    if not store.is_dir():
+    if not store.exists():
         return []
-    return sorted(p for p in store.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        return sorted(p for p in store.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as err:
+        raise fail(store, f"cannot read the model store ({_SET_HOME}): {err.strerror or err}") from None
 
 
 def _quant_of(gguf: Path) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import onnx
 import pytest
 
 from edge_ms.errors import EdgeMSError
@@ -346,3 +348,110 @@ def test_store_root_defaults_to_user_cache(monkeypatch, tmp_path: Path) -> None:
     assert store_root() == tmp_path / ".cache" / "edge_ms"
     monkeypatch.setenv("EDGE_MS_HOME", str(tmp_path / "elsewhere"))
     assert store_root() == tmp_path / "elsewhere"
+
+
+# --- a store that is broken, or that another user's permissions close -------------------------
+
+
+def test_list_notes_a_head_that_cannot_load_and_goes_on(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("EDGE_MS_HOME", str(tmp_path / "home"))
+    models = tmp_path / "home" / "models"
+    _handmade(models / "good", "good", ("f16",), fingerprint="fp-good")
+    _handmade(models / "deep", "deep", ("f16",))
+    head = models / "deep" / "deep.sprm.onnx"
+    model = onnx.load(str(head))
+    for prop in model.metadata_props:
+        if prop.key.endswith("step_delimiter_ids"):
+            prop.value = "[" * 100_000 + "]" * 100_000  # a hostile head: json recursion in the loader
+    onnx.save(model, str(head))
+
+    infos = {m.name: m for m in list_models()}
+    assert infos["good"].fingerprint == "fp-good" and infos["good"].note is None
+    assert infos["deep"].fingerprint is None and str(head) in infos["deep"].note
+
+    proc = _cli("list")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "fp-good" in proc.stdout and f"deep: broken: {head}" in proc.stdout
+
+
+def test_list_shows_long_names_and_paths_whole(tmp_path: Path, monkeypatch) -> None:
+    home = tmp_path / "home"
+    monkeypatch.setenv("EDGE_MS_HOME", str(home))
+    monkeypatch.setenv("COLUMNS", "80")
+    name = "metastone-s1-1.5b-" + "distilled-" * 6 + "q"
+    _handmade(home / "models" / name, name, ("q4_k_m",), fingerprint="fp-long")
+    proc = _cli("list")
+    assert proc.returncode == 0, proc.stderr
+    row = next(line for line in proc.stdout.splitlines() if "fp-long" in line)
+    assert name in row and str(home / "models" / name) in row
+
+
+def test_a_store_root_that_is_a_file_is_one_line(env: Path, tmp_path: Path, monkeypatch) -> None:
+    home = tmp_path / "home-file"
+    home.write_text("not a directory")
+    monkeypatch.setenv("EDGE_MS_HOME", str(home))
+    for args in (["list"], ["list", "--json"], ["pull", REPO, "--quant", "f16"]):
+        line = _one_line_error(_cli(*args), f"{home}: the model store is not a directory")
+        assert "set EDGE_MS_HOME to a directory you can write" in line
+    assert home.read_text() == "not a directory"
+
+
+def _without_root_overrides() -> None:
+    """In the child, as root: drop the capabilities that let root ignore mode bits."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP: gone after exec
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+@pytest.fixture
+def as_user(tmp_path: Path):
+    """Run the CLI so that mode bits apply to it, even when the tests run as root."""
+    root = os.geteuid() == 0
+    if root and not sys.platform.startswith("linux"):
+        pytest.skip("needs Linux capabilities to make root honour mode bits")
+
+    def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", "from edge_ms.cli import main; main()", *args],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, **env},
+            preexec_fn=_without_root_overrides if root else None,
+        )
+
+    yield run
+    for path in tmp_path.rglob("*"):  # let pytest clean up
+        if path.is_dir() and not path.is_symlink():
+            path.chmod(0o755)
+
+
+def test_an_unwritable_store_fails_pull_before_downloading(env: Path, as_user) -> None:
+    home = Path(os.environ["EDGE_MS_HOME"])
+    (home / "models").mkdir(parents=True)
+    for path in (home, home / "models"):
+        path.chmod(0o555)
+    line = _one_line_error(as_user("pull", REPO, "--quant", "f16", env={}), "cannot write to the model store")
+    assert line.startswith(f"error: {home / 'models'}: ") and "Permission denied" in line
+    assert list((home / "models").iterdir()) == []
+
+
+def test_an_unreadable_store_or_entry_is_one_line(tmp_path: Path, as_user) -> None:
+    home = tmp_path / "home"
+    models = home / "models"
+    _handmade(models / "good", "good", ("f16",), fingerprint="fp-good")
+    _handmade(models / "closed", "closed", ("f16",))
+    env = {"EDGE_MS_HOME": str(home)}
+
+    (models / "closed").chmod(0o311)  # its files cannot be listed
+    proc = as_user("list", env=env)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "fp-good" in proc.stdout and "closed: broken: cannot read: Permission denied" in proc.stdout
+
+    models.chmod(0o311)  # the store itself cannot be listed
+    line = _one_line_error(as_user("list", env=env), f"{models}: cannot read the model store")
+    assert "Permission denied" in line
+    # Asking for a model by a name the store might hold says why it cannot answer.
+    line = _one_line_error(as_user("solve", "hi", "--model", "nope", env=env), "nope: no such model directory")
+    assert f"{models}: cannot read the model store" in line
