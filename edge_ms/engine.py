@@ -24,6 +24,7 @@ from edge_ms.model import KV_TYPES, Model
 from edge_ms.plan import shape_estimate, shape_from_model
 from edge_ms.sampling import SamplingParams, make_sampler
 from edge_ms.score import StepTracker, candidate_positions, starts_step
+from edge_ms.sizes import human_size
 from edge_ms.tap import AbortFlag, Tap
 
 log = logging.getLogger(__name__)
@@ -157,9 +158,9 @@ class Engine:
             est = shape_estimate(shape_from_model(m), n_ctx, n, m.settings.kv_type, n_prompt, batch)
             if est.total > self.memory_budget_bytes:
                 raise EdgeMSError(
-                    f"{m.path.name}: {n} trajectories x {max_new_tokens} new tokens need {est.total / 2**30:.2f} GiB "
-                    f"({est.kv_cache / 2**30:.2f} GiB of KV cache, {est.weights / 2**30:.2f} GiB of weights), over the "
-                    f"budget of {self.memory_budget_bytes / 2**30:.2f} GiB; lower --n / --mode or --max-new-tokens, "
+                    f"{m.path.name}: {n} trajectories x {max_new_tokens} new tokens need {human_size(est.total)} "
+                    f"({human_size(est.kv_cache)} of KV cache, {human_size(est.weights)} of weights), over the "
+                    f"budget of {human_size(self.memory_budget_bytes)}; lower --n / --mode or --max-new-tokens, "
                     f"use --kv-type q8_0, or raise --memory (`edge-ms plan` shows what fits)"
                 )
         return n_ctx
@@ -195,7 +196,7 @@ class Engine:
         if not ctx:
             need = n_ctx * m.kv_bytes_per_token(s.kv_type)
             raise EdgeMSError(
-                f"{m.path.name}: could not create a context of {n_ctx} tokens ({need / 2**30:.2f} GiB of KV cache); "
+                f"{m.path.name}: could not create a context of {n_ctx} tokens ({human_size(need)} of KV cache); "
                 "lower --n / --mode or --max-new-tokens"
             )
         self._ctx = ctx

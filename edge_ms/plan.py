@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from edge_ms.errors import EdgeMSError, fail
 from edge_ms.modes import MODES
+from edge_ms.sizes import human_size
 from edge_ms.store import locate
 
 if TYPE_CHECKING:
@@ -499,10 +500,6 @@ def plan_for(
     return plan(shape_from_gguf(gguf_path), **kwargs)
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
 def plan_table(p: Plan):
     """The plan as rich renderables (a header, a table of every mode, the requested breakdown)."""
     from rich.console import Group
@@ -512,8 +509,8 @@ def plan_table(p: Plan):
     s = p.shape
     head = Text.assemble(
         (s.name, "bold"),
-        f": {_gib(s.file_bytes)} of weights, {s.n_layer} layers x {s.n_embd}, {s.n_head_kv} KV heads, "
-        f"context {s.n_ctx_train}\nbudget {_gib(p.budget_bytes)} ({p.budget_source}), "
+        f": {human_size(s.file_bytes)} of weights, {s.n_layer} layers x {s.n_embd}, {s.n_head_kv} KV heads, "
+        f"context {s.n_ctx_train}\nbudget {human_size(p.budget_bytes)} ({p.budget_source}), "
         f"prompt {p.prompt_tokens} tokens, {p.threads} threads",
     )
     k = p.requested.max_new_tokens
@@ -533,7 +530,7 @@ def plan_table(p: Plan):
             r.label,
             str(r.n),
             r.kv_type,
-            _gib(r.estimate.total),
+            human_size(r.estimate.total),
             Text(*verdict),
             f"{r.max_fit_tokens:,}" if r.max_fit_tokens else Text("none", "red"),
             style="bold" if chosen else "",
@@ -544,19 +541,19 @@ def plan_table(p: Plan):
             f"does not fit: prompt + {r.max_new_tokens} tokens exceeds the model's context", "yellow"
         )
     elif r.fits:
-        verdict = Text(f"fits ({_gib(p.budget_bytes - e.total)} to spare)", "green")
+        verdict = Text(f"fits ({human_size(p.budget_bytes - e.total)} to spare)", "green")
     elif r.max_fit_tokens:
         verdict = Text(
-            f"does not fit ({_gib(e.total - p.budget_bytes)} over): at most {r.max_fit_tokens:,} new tokens",
+            f"does not fit ({human_size(e.total - p.budget_bytes)} over): at most {r.max_fit_tokens:,} new tokens",
             "red",
         )
     else:
-        verdict = Text(f"does not fit: not even one new token ({_gib(e.total - p.budget_bytes)} over)", "red")
+        verdict = Text(f"does not fit: not even one new token ({human_size(e.total - p.budget_bytes)} over)", "red")
     mib = 2**20
     asked = Text.assemble(
         ("requested: ", "bold"),
-        f"{r.label} (N={r.n}), {r.max_new_tokens} new tokens, KV {r.kv_type}: {_gib(e.total)} of "
-        f"{_gib(p.budget_bytes)}\n  ",
+        f"{r.label} (N={r.n}), {r.max_new_tokens} new tokens, KV {r.kv_type}: {human_size(e.total)} of "
+        f"{human_size(p.budget_bytes)}\n  ",
         verdict,
         f"\n  weights {e.weights // mib:,} + KV {e.kv_cache // mib:,} ({r.n_ctx:,} cells) + compute "
         f"{e.compute // mib} + logits {e.outputs // mib} + tap/head {(e.tap + e.head) // mib} + runtime "

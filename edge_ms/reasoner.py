@@ -16,6 +16,7 @@ from edge_ms.modes import resolve_n
 from edge_ms.plan import DEFAULT_BUDGET_FRACTION, available_memory
 from edge_ms.sampling import SamplingParams
 from edge_ms.select import STRATEGIES, PruneRule, select
+from edge_ms.sizes import human_size
 from edge_ms.store import locate
 
 
@@ -136,9 +137,9 @@ class Reasoner:
         check_head(m, h)
         weights = m.path.stat().st_size
         if weights >= budget:
-            limit = f"--memory {budget / 2**30:.2f} GiB" if memory_bytes is not None else (
-                f"the memory budget of {budget / 2**30:.2f} GiB ({DEFAULT_BUDGET_FRACTION:.0%} of available memory)")
-            raise fail(gguf, f"the weights alone ({weights / 2**30:.2f} GiB) exceed {limit}")
+            limit = f"--memory {human_size(budget)}" if memory_bytes is not None else (
+                f"the memory budget of {human_size(budget)} ({DEFAULT_BUDGET_FRACTION:.0%} of available memory)")
+            raise fail(gguf, f"the weights alone ({human_size(weights)}) exceed {limit}")
         return cls(m, h, Engine(m, h, n_batch=n_batch, n_ubatch=n_ubatch, memory_budget_bytes=budget))
 
     def close(self) -> None:

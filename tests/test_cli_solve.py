@@ -59,7 +59,15 @@ def test_prompt_that_does_not_fit(converted):
 def test_n_that_does_not_fit(converted):
     line = one_line_error(run("solve", "Hi", "--model", str(converted("tiny-qwen2", "f32")), "--n", "8",
                               "--max-new-tokens", "3000", "--memory", "40MiB"))
-    assert "KV cache" in line and "budget" in line
+    assert "KV cache" in line and "over the budget of 40.0 MiB" in line  # not "0.04 GiB"
+
+
+def test_weights_over_a_small_budget_say_it_in_a_unit_that_fits(converted):
+    model_dir = converted("tiny-qwen2", "f32")
+    weights = (model_dir / "tiny-qwen2-f32.gguf").stat().st_size
+    line = one_line_error(run("solve", "Hi", "--model", str(model_dir), "--n", "2", "--memory", "1MiB"))
+    # Was "the weights alone (0.00 GiB) exceed --memory 0.00 GiB".
+    assert line.endswith(f"the weights alone ({weights / 2**20:.2f} MiB) exceed --memory 1.00 MiB"), line
 
 
 def test_head_of_another_backbone_is_refused(converted, tmp_path):
@@ -82,6 +90,7 @@ def test_head_of_another_width_is_refused(converted):
 
 
 @pytest.mark.parametrize("args,needle", [(["--mode", "extreme"], "unknown mode"), (["--n", "0"], "at least one"),
+                                          (["--n", "300"], "llama.cpp runs at most 256 sequences in parallel"),
                                           (["--kv-type", "q3"], "unknown KV-cache type")])
 def test_bad_options(converted, args, needle):
     line = one_line_error(run("solve", "Hi", "--model", str(converted("tiny-qwen2", "f32")), *args))

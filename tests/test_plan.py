@@ -218,7 +218,7 @@ def test_the_engine_refuses_exactly_what_the_plan_says_does_not_fit(converted):
 def test_weights_over_the_budget_are_refused_at_load(converted):
     from edge_ms.reasoner import Reasoner
 
-    with pytest.raises(EdgeMSError, match=r"tiny-qwen2-f32\.gguf: the weights alone .* exceed --memory"):
+    with pytest.raises(EdgeMSError, match=r"tiny-qwen2-f32\.gguf: the weights alone \(\d\.\d\d MiB\) exceed --memory 977 KiB$"):
         Reasoner.load(converted("tiny-qwen2", "f32"), memory_bytes=1_000_000)
 
 
@@ -276,6 +276,10 @@ def test_cli_json_agrees_with_the_library(converted):
     assert out["requested"]["max_fit_tokens"] == p.requested.max_fit_tokens
     assert out["shape"]["n_vocab"] == 512 and len(out["rows"]) == 8
 
+    proc = run("plan", "--model", str(model_dir), "--memory", "200MiB", "--n", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert "budget 200 MiB (--memory)" in proc.stdout  # was "0.20 GiB"
+
 
 def test_cli_says_what_does_not_fit():
     proc = run("plan", "--shape", "7b", "--memory", "4GiB")
@@ -291,6 +295,7 @@ def test_cli_says_what_does_not_fit():
         (["--memory", "lots"], "not a size"),
         (["--shape", "3b"], "unknown size"),
         (["--mode", "extreme"], "unknown mode"),
+        (["--n", "300"], "llama.cpp runs at most 256 sequences in parallel"),
     ],
 )
 def test_cli_bad_options_are_one_line(args, needle):
