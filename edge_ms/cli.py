@@ -8,6 +8,7 @@ import sys
 import click
 
 from edge_ms.errors import EdgeMSError
+from edge_ms.interrupts import import_held
 
 
 def _one_line_errors(fn):
@@ -16,6 +17,8 @@ def _one_line_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            # Every command reads an ONNX head; imported here, where a Ctrl-C is one line.
+            import_held("onnx", "onnxruntime")
             return fn(*args, **kwargs)
         except EdgeMSError as err:
             click.echo(f"error: {err}", err=True)

@@ -20,6 +20,7 @@ import numpy as np
 
 from edge_ms.errors import EdgeMSError
 from edge_ms.head import Head
+from edge_ms.interrupts import hold_interrupt
 from edge_ms.model import KV_TYPES, Model
 from edge_ms.plan import shape_estimate, shape_from_model
 from edge_ms.sampling import SamplingParams, make_sampler
@@ -192,7 +193,8 @@ class Engine:
             p.cb_eval_user_data = self._tap.user_data
         p.abort_callback = self.abort.callback
         p.abort_callback_data = self.abort.data
-        ctx = llama_cpp.llama_init_from_model(m.ptr, p)
+        with hold_interrupt():  # llama.cpp logs through a Python callback while it builds the context
+            ctx = llama_cpp.llama_init_from_model(m.ptr, p)
         if not ctx:
             need = n_ctx * m.kv_bytes_per_token(s.kv_type)
             raise EdgeMSError(
@@ -224,7 +226,8 @@ class Engine:
             self._batch_cap = 0
 
     def __del__(self) -> None:
-        self.close()
+        if hasattr(self, "_batch"):  # else __init__ was cut short (Ctrl-C) before there was anything to free
+            self.close()
 
     # -- decoding ----------------------------------------------------------------
 

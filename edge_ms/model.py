@@ -14,6 +14,7 @@ import llama_cpp
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from edge_ms.errors import EdgeMSError, fail
+from edge_ms.interrupts import hold_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,25 @@ def init_backend() -> None:
     """Initialise llama.cpp once and route its chatter to logging."""
     global _backend_ready
     if not _backend_ready:
-        llama_cpp.llama_log_set(_log_cb, ctypes.c_void_p(0))
-        llama_cpp.llama_backend_init()
+        with hold_interrupt():
+            llama_cpp.llama_log_set(_log_cb, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
         _backend_ready = True
+
+
+def _load(path: Path, params) -> int | None:
+    """``llama_model_load_from_file``, cut short by Ctrl-C (its progress callback returns false)."""
+    ptr = None
+    try:
+        with hold_interrupt() as interrupted:
+            progress = llama_cpp.llama_progress_callback(lambda fraction, data: not interrupted())
+            params.progress_callback = progress
+            ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    except KeyboardInterrupt:
+        if ptr:  # loaded before the interrupt was seen
+            llama_cpp.llama_model_free(ptr)
+        raise
+    return ptr
 
 
 def build_has_amx() -> bool:
@@ -86,7 +103,7 @@ class Model:
         params.n_gpu_layers = self.settings.n_gpu_layers
         extra = self.settings.extra_bufts
         params.use_extra_bufts = default_extra_bufts() if extra is None else extra
-        ptr = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
+        ptr = _load(self.path, params)
         if not ptr:
             raise fail(self.path, "llama.cpp could not load this GGUF (corrupt, truncated or unsupported)")
         self.ptr = ptr

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -106,3 +109,91 @@ def test_embedded_default_model_solves_offline():
     assert out["n"] == 2 and out["answer"]
     assert any(c["step_scores"] for c in out["candidates"])  # one step per line, scored by the head
     assert all(0.0 <= s <= 1.0 for c in out["candidates"] for s in c["step_scores"])
+
+
+# -- Ctrl-C ----------------------------------------------------------------------------------
+
+
+def _interrupt_in_log_callback(model_dir, marker: str) -> subprocess.CompletedProcess:
+    """The real CLI, sent SIGINT from inside llama.cpp's log callback at the first line holding ``marker``.
+
+    A logging handler on edge_ms.model sends it, so the interrupt lands exactly where ctypes
+    used to swallow it; nothing of edge_ms is replaced.
+    """
+    script = f"""
+import logging, os, signal, sys
+
+class SigintOnce(logging.Handler):
+    sent = False
+
+    def emit(self, record):
+        if not SigintOnce.sent and {marker!r} in record.getMessage():
+            SigintOnce.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+logger = logging.getLogger("edge_ms.model")
+logger.addHandler(SigintOnce())
+logger.setLevel(logging.DEBUG)
+os.environ["EDGE_MS_LLAMA_LOG"] = "1"  # route every llama.cpp line through the callback
+sys.argv = ["edge-ms", "solve", "Hi", "--model", {str(model_dir)!r}, "--n", "2", "--max-new-tokens", "50",
+            "--json"]
+from edge_ms.__main__ import main
+main()
+"""
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a shell's background job may have it ignored
+
+
+@pytest.mark.parametrize("marker", ["", "llama_model_loader", "llama_context"],
+                         ids=["backend-init", "model-load", "context"])
+def test_ctrl_c_inside_llama_cpp_callbacks_stops_the_run(converted, marker):
+    proc = _interrupt_in_log_callback(converted("tiny-qwen2", "f32"), marker)
+    # Was: "Exception ignored on calling ctypes callback function", the run went on, exit 0.
+    assert (proc.returncode, proc.stderr, proc.stdout) == (130, "interrupted\n", "")
+
+
+def _mapped(pid: int, needle: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return needle in f.read()
+    except OSError:
+        return False
+
+
+SOLVE = ["solve", "Count to a million.", "--n", "8", "--max-new-tokens", "3000", "--json"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="watches /proc/PID/maps")
+@pytest.mark.parametrize(
+    "command, loaded",
+    [
+        (SOLVE, "onnxruntime_pybind11_state"),
+        (SOLVE, "libllama"),
+        (SOLVE, "tiny-qwen2-f32.gguf"),
+        (["list"], "onnxruntime_pybind11_state"),
+    ],
+    ids=["solve-importing", "solve-llama-cpp-imported", "solve-model-mapped", "list-importing"],
+)
+def test_ctrl_c_at_any_stage_is_interrupted_and_130(converted, tmp_path, command, loaded):
+    """SIGINT once the process has mapped ``loaded``: while importing, loading, or generating."""
+    model = ["--model", str(converted("tiny-qwen2", "f32"))] if command[0] == "solve" else []
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge_ms", *command, *model],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint,
+        env={**os.environ, "EDGE_MS_HOME": str(tmp_path)},
+    )
+    try:
+        while not _mapped(proc.pid, loaded):
+            assert proc.poll() is None, f"exited before mapping {loaded}: {proc.stderr.read()}"
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    # Was: a traceback out of `import edge_ms`, "ImportError: initialization failed" out of
+    # onnxruntime, or the interrupt lost in a llama.cpp callback and exit 0.
+    assert (proc.returncode, err, out) == (130, "interrupted\n", "")
