@@ -16,6 +16,7 @@ from pathlib import Path
 
 from edge_ms.atomic import atomic_write
 from edge_ms.errors import EdgeMSError, fail
+from edge_ms.jsonio import parse_json
 
 __all__ = [
     "Problem",
@@ -264,10 +265,7 @@ def load_jsonl(path: str | os.PathLike) -> list[Problem]:
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise fail(path, f"line {lineno}: not valid JSON ({err.msg})") from None
+        row = parse_json(line, path, f"line {lineno}: ")
         if not isinstance(row, dict):
             raise fail(path, f"line {lineno}: expected a JSON object, got {type(row).__name__}")
         for field in ("prompt", "answer"):

@@ -177,6 +177,7 @@ def test_loads_the_aime_file():
     ("content", "message"),
     [
         ('{"prompt": "a", "answer": "1"}\n{"prompt": "b"\n', "line 2: not valid JSON"),
+        ('{"prompt": "a", "answer": "1"}\n' + "[" * 100_000 + "\n", "line 2: not valid JSON (nested too deeply)"),
         ('{"prompt": "a", "answer": "1"}\n\n[1, 2]\n', "line 3: expected a JSON object, got list"),
         ('{"prompt": "a"}\n', "line 1: missing field 'answer'"),
         ('{"prompt": "", "answer": "1"}\n', "line 1: 'prompt' must be a non-empty string"),
