@@ -93,10 +93,12 @@ def _load_reasoner(model, quant, head, threads, n_gpu_layers, kv_type, extra_buf
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--strategy", default="best", show_default=True, help="best (SPRM best-of-N), majority, weighted (SPRM-weighted vote), prune (stop trajectories that fall behind).")
 @click.option("--raw", is_flag=True, help="Do not apply the model's chat template.")
+@click.option("--kv-layout", default="auto", show_default=True,
+              help="KV cache: unified (one pool all trajectories share), streams (one each), or auto (the plan's choice).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @_one_line_errors
 def solve(prompt, model, quant, head, threads, n_gpu_layers, kv_type, extra_bufts, memory, mode, n, seed,
-          max_new_tokens, temperature, top_p, repetition_penalty, stop, strategy, raw, as_json) -> None:
+          max_new_tokens, temperature, top_p, repetition_penalty, stop, strategy, raw, kv_layout, as_json) -> None:
     """Sample N reasoning trajectories for PROMPT, score every step, print the best answer."""
     import json
 
@@ -105,7 +107,7 @@ def solve(prompt, model, quant, head, threads, n_gpu_layers, kv_type, extra_buft
     n_seq = resolve_n(mode, n)
     reasoner = _load_reasoner(model, quant, head, threads, n_gpu_layers, kv_type, extra_bufts, memory)
     kwargs = dict(seed=seed, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                  repetition_penalty=repetition_penalty, stop=stop, raw=raw, strategy=strategy)
+                  repetition_penalty=repetition_penalty, stop=stop, raw=raw, strategy=strategy, kv_layout=kv_layout)
     if as_json or not sys.stderr.isatty():
         result = reasoner.solve(prompt, mode, n, **kwargs)
     else:

@@ -30,7 +30,10 @@ __all__ = [
     "CTX_PAD",
     "ENGINE_BATCH",
     "KV_BYTES_PER_VALUE",
+    "KV_LAYOUTS",
     "PRESETS",
+    "auto_layout",
+    "layout_estimate",
     "available_memory",
     "MemoryEstimate",
     "ModelShape",
@@ -54,6 +57,7 @@ __all__ = [
 # Bytes per cached value: f16, or q8_0 (32 values in 34 bytes).
 KV_BYTES_PER_VALUE = {"f16": 2.0, "q8_0": 34 / 32}
 CTX_PAD = 256  # llama.cpp allocates the KV cache in multiples of 256 cells
+KV_LAYOUTS = ("auto", "unified", "streams")
 ENGINE_BATCH = 512  # the engine's llama.cpp batch: prompt chunk size and tap buffer rows
 # Python, numpy, onnxruntime, llama.cpp, the tap library and what a first generation imports
 # (answer extraction pulls in sympy): the peak RSS of a run on a 7 MB fixture model, less the model.
@@ -113,9 +117,33 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def context_cells(n_prompt: int, n: int, max_new_tokens: int) -> int:
-    """KV cells a generation asks for: the shared prompt once, then each trajectory's own tokens."""
+def context_cells(n_prompt: int, n: int, max_new_tokens: int, layout: str = "unified") -> int:
+    """KV cells a generation asks for.
+
+    ``unified``: one pool holding the shared prompt once, then each trajectory's own tokens.
+    ``streams``: one stream per trajectory, each with its own copy of the prompt and room for
+    its own tokens; llama.cpp rounds every stream up to 256 cells.
+    """
+    if layout == "streams" and n > 1:
+        return n * _pad(n_prompt + max_new_tokens + 1, CTX_PAD)
     return n_prompt + n * max_new_tokens + 1
+
+
+def auto_layout(n_prompt: int, n: int, max_new_tokens: int, forks: bool = False) -> str:
+    """The KV layout that fits the work (docs/llama_cpp.md, "KV layouts").
+
+    In one unified pool every token attends over the cells of all N sequences, so a step's
+    cost grows with N x length; one stream per sequence attends only over its own prompt copy
+    and tokens. Streams pay when the trajectories' own tokens dominate the prompt and the copies
+    (with their padding) at most double the cells; the unified pool wins for a long shared prompt,
+    for one sequence, and when a strategy forks sequences (a fork is free inside one pool, a
+    whole-buffer copy across streams).
+    """
+    if n < 2 or forks or max_new_tokens < n_prompt:
+        return "unified"
+    if context_cells(n_prompt, n, max_new_tokens, "streams") > 2 * context_cells(n_prompt, n, max_new_tokens):
+        return "unified"
+    return "streams"
 
 
 def _pad(x: int, to: int) -> int:
@@ -372,6 +400,7 @@ class PlanRow:
     label: str  # "low" / "medium" / "high", or "n=5"
     n: int
     kv_type: str
+    kv_layout: str  # what auto chooses here: "unified" or "streams"
     max_new_tokens: int
     n_ctx: int
     estimate: MemoryEstimate
@@ -395,20 +424,32 @@ class Plan:
         return self.requested.fits
 
 
+def layout_estimate(
+    shape: ModelShape, n_prompt: int, n: int, max_new_tokens: int, kv_type: str, budget: int | None,
+    layout: str = "auto", batch: int = ENGINE_BATCH, forks: bool = False,
+) -> tuple[str, int, MemoryEstimate]:
+    """(layout, KV cells, estimate) of a generation; ``auto`` picks :func:`auto_layout` and falls
+    back to the unified pool when the streams' prompt copies would not fit ``budget``."""
+    if layout not in KV_LAYOUTS:
+        raise EdgeMSError(f"--kv-layout {layout}: unknown (choose from {', '.join(KV_LAYOUTS)})")
+    chosen = auto_layout(n_prompt, n, max_new_tokens, forks) if layout == "auto" else layout
+    n_ctx = context_cells(n_prompt, n, max_new_tokens, chosen)
+    est = shape_estimate(shape, n_ctx, n, kv_type, n_prompt, batch)
+    if layout == "auto" and chosen == "streams" and budget is not None and est.total > budget:
+        chosen = "unified"
+        n_ctx = context_cells(n_prompt, n, max_new_tokens, chosen)
+        est = shape_estimate(shape, n_ctx, n, kv_type, n_prompt, batch)
+    return chosen, n_ctx, est
+
+
 def _row(shape: ModelShape, label: str, n: int, kv_type: str, k: int, prompt: int, budget: int) -> PlanRow:
-    n_ctx = context_cells(prompt, n, k)
-    est = shape_estimate(shape, n_ctx, n, kv_type, prompt)
+    layout, n_ctx, est = layout_estimate(shape, prompt, n, k, kv_type, budget)
     over = prompt + k > shape.n_ctx_train
     return PlanRow(
-        label,
-        n,
-        kv_type,
-        k,
-        n_ctx,
-        est,
-        est.total <= budget and not over,
-        over,
-        max_new_tokens_that_fit(shape, n, kv_type, prompt, budget),
+        label=label, n=n, kv_type=kv_type, kv_layout=layout, max_new_tokens=k, n_ctx=n_ctx, estimate=est,
+        fits=est.total <= budget and not over, over_context=over,
+        # The unified pool is the smallest layout, and auto falls back to it.
+        max_fit_tokens=max_new_tokens_that_fit(shape, n, kv_type, prompt, budget),
     )
 
 
@@ -517,8 +558,8 @@ def plan_table(p: Plan):
         f"prompt {p.prompt_tokens} tokens, {p.threads} threads",
     )
     k = p.requested.max_new_tokens
-    table = Table("mode", "N", "KV cache", f"memory at {k} new tokens", "", "most new tokens that fit")
-    for col in table.columns[1:4] + table.columns[5:]:
+    table = Table("mode", "N", "KV cache", "layout", f"memory at {k} new tokens", "", "most new tokens that fit")
+    for col in table.columns[1:3] + table.columns[4:5] + table.columns[6:]:
         col.justify = "right"
     for r in p.rows:
         verdict = (
@@ -533,6 +574,7 @@ def plan_table(p: Plan):
             r.label,
             str(r.n),
             r.kv_type,
+            r.kv_layout,
             _gib(r.estimate.total),
             Text(*verdict),
             f"{r.max_fit_tokens:,}" if r.max_fit_tokens else Text("none", "red"),
@@ -555,7 +597,7 @@ def plan_table(p: Plan):
     mib = 2**20
     asked = Text.assemble(
         ("requested: ", "bold"),
-        f"{r.label} (N={r.n}), {r.max_new_tokens} new tokens, KV {r.kv_type}: {_gib(e.total)} of "
+        f"{r.label} (N={r.n}), {r.max_new_tokens} new tokens, KV {r.kv_type} {r.kv_layout}: {_gib(e.total)} of "
         f"{_gib(p.budget_bytes)}\n  ",
         verdict,
         f"\n  weights {e.weights // mib:,} + KV {e.kv_cache // mib:,} ({r.n_ctx:,} cells) + compute "

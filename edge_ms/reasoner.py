@@ -172,6 +172,7 @@ class Reasoner:
         strategy: str = "best",
         prune: Pruner | None = None,
         should_stop: Callable[[], bool] | None = None,
+        kv_layout: str = "auto",
     ) -> Iterator[Event | Done]:
         """Like :meth:`solve`, yielding the engine's progress events, then one :class:`Done`."""
         n_seq = resolve_n(mode, n)
@@ -185,7 +186,8 @@ class Reasoner:
                                 seed=seed, max_new_tokens=max_new_tokens, stop=tuple(stop))
         ids = self.prompt_ids(prompt, raw)
         stats = Stats()
-        for event in self.engine.generate(ids, n_seq, params, prune=prune, should_stop=should_stop, stats=stats):
+        for event in self.engine.generate(ids, n_seq, params, prune=prune, should_stop=should_stop, stats=stats,
+                                          kv_layout=kv_layout):
             if event.kind != "done":
                 yield event
                 continue

@@ -208,7 +208,7 @@ def test_the_engine_refuses_exactly_what_the_plan_says_does_not_fit(converted):
     assert k >= 600
     r = Reasoner.load(model_dir, memory_bytes=budget)
     try:
-        assert r.engine.plan_context(n_prompt, n, k) == context_cells(n_prompt, n, k)
+        assert r.engine.plan_context(n_prompt, n, k).n_ctx == context_cells(n_prompt, n, k)
         with pytest.raises(EdgeMSError, match=r"KV cache.*over the budget"):
             r.engine.plan_context(n_prompt, n, k + 1)
     finally:
