@@ -1,11 +1,12 @@
 """N trajectories in one batched llama.cpp context, scored step by step as they grow.
 
-The prompt is decoded once into sequence 0 and its KV cells are shared with the
-other sequences (``kv_unified`` + ``llama_memory_seq_cp``: no copy). Each step
-then decodes one token for every live sequence in a single batch; the tap hands
-back the hidden state of each of those tokens, and whenever a sequence samples a
-token that starts a step, the hidden state of the token before it is scored by
-the head right away. No second forward pass is needed.
+The prompt is decoded once into sequence 0 and shared with the other sequences by
+``llama_memory_seq_cp``: in the unified KV layout the cells themselves are shared (no copy),
+in the streams layout each sequence's stream gets a copy (edge_ms.plan.auto_layout picks).
+Each round then decodes one token for every live sequence in a single batch; the tap hands
+back the hidden state of each of those tokens, and whenever a sequence samples a token that
+starts a step, the hidden state of the token before it is scored by the head right away.
+No second forward pass is needed.
 """
 
 from __future__ import annotations
