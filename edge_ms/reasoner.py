@@ -9,7 +9,7 @@ from pathlib import Path
 
 from edge_ms.engine import Engine, Event, Pruner, SamplingParams, Stats
 from edge_ms.errors import EdgeMSError, fail
-from edge_ms.head import Head, load_head
+from edge_ms.head import Head, check_backbone, load_head
 from edge_ms.model import DeviceSettings, Model
 from edge_ms.select import STRATEGIES, PruneRule, select
 
@@ -82,20 +82,6 @@ def resolve_n(mode: str, n: int | None) -> int:
     return MODES[mode]
 
 
-def check_head(model: Model, head: Head) -> None:
-    """Refuse a head that was not trained on this backbone."""
-    spec = head.spec
-    if spec.hidden_size != model.n_embd:
-        raise fail(head.path, f"head width {spec.hidden_size} does not match the backbone's hidden size {model.n_embd} ({model.path.name})")
-    if not 0 <= spec.layer < model.n_layer:
-        raise fail(head.path, f"head taps layer {spec.layer} but {model.path.name} has {model.n_layer} layers")
-    if spec.backbone_fingerprint != model.fingerprint:
-        raise fail(
-            head.path,
-            f"head belongs to backbone {spec.backbone_fingerprint}, not to {model.path.name} ({model.fingerprint})",
-        )
-
-
 def available_memory() -> int:
     """Bytes of memory available to a new allocation (Linux: MemAvailable; else total physical)."""
     try:
@@ -161,7 +147,7 @@ class Reasoner:
         budget = memory_bytes if memory_bytes is not None else int(available_memory() * DEFAULT_BUDGET_FRACTION)
         h = load_head(head_path)
         m = Model(gguf, settings)
-        check_head(m, h)
+        check_backbone(h, m)
         weights = m.path.stat().st_size
         if weights >= budget:
             limit = f"--memory {budget / 2**30:.2f} GiB" if memory_bytes is not None else (

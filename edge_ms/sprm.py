@@ -24,7 +24,7 @@ import numpy as np
 from edge_ms.atomic import atomic_write
 from edge_ms.engine import Engine, SamplingParams
 from edge_ms.errors import EdgeMSError, fail
-from edge_ms.head import HeadSpec, load_head, write_head
+from edge_ms.head import HeadSpec, check_backbone, load_head, write_head
 from edge_ms.model import DeviceSettings, Model
 from edge_ms.score import trajectory_score
 from edge_ms.select import best_of_n, majority_vote, weighted_vote
@@ -295,9 +295,8 @@ def train_sprm(
     try:
         if init is not None:
             start = load_head(init)
+            check_backbone(start, model)
             spec, weights = start.spec, start.weights()
-            if spec.backbone_fingerprint != model.fingerprint or spec.hidden_size != model.n_embd:
-                raise fail(init, f"head belongs to another backbone than {model.path.name}")
         else:
             spec = default_spec(model, config.delimiter, config.layer)
             weights = init_head(model.n_embd, config.seed)
