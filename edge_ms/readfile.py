@@ -22,15 +22,15 @@ def read_capped(path: str | os.PathLike[str], limit: int, what: str = "file") ->
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        raise fail(path, f"no such {what}") from None
+        raise fail(path, f"{what} not found") from None
     except OSError as err:
         raise fail(path, f"cannot open: {err.strerror or err}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise fail(path, f"not a regular file (a {what} must be one)")
+            raise fail(path, f"not a regular file (a {what} must be one, not a device, FIFO or directory)")
         if st.st_size > limit:
-            raise fail(path, f"is {st.st_size} bytes, more than a {what} may be ({_size(limit)})")
+            raise fail(path, f"is {st.st_size} bytes; a {what} is at most {_size(limit)}")
         chunks, total = [], 0
         while total <= limit:  # bounded even if the file grows after the fstat
             chunk = os.read(fd, min(1 << 24, limit + 1 - total))

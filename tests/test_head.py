@@ -172,7 +172,7 @@ def _good(tmp_path: Path, name: str = "bad.sprm.onnx") -> Path:
 @pytest.mark.parametrize(
     ("make", "needle"),
     [
-        (lambda p: None, "no such head file"),
+        (lambda p: None, "head file not found"),
         (lambda p: p.mkdir(), "not a regular file"),
         (lambda p: p.write_bytes(b"\x00\xff garbage, not protobuf \x13\x37" * 10), "not an ONNX file"),
         (lambda p: p.write_bytes(b""), "no graph"),
