@@ -21,6 +21,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from edge_ms import normalize
 from edge_ms.errors import EdgeMSError, fail
 from edge_ms.readfile import read_capped
 from edge_ms.safetensors_io import TensorEntry, convert_into
@@ -84,6 +85,7 @@ class Vocab:
     add_bos: bool
     chat_template: str | None
     ids: dict[str, int] = field(repr=False)  # token text -> id, for looking up special tokens
+    normalizer: tuple[str, ...] = ()  # Unicode forms applied before BPE (edge_ms.normalize)
 
 
 def _read_text(path: Path, what: str, optional: bool = False) -> str | None:
@@ -215,6 +217,12 @@ def read_vocab(hf_dir: str | os.PathLike[str], vocab_size: int) -> Vocab:
         raise fail(
             tok_path, "malformed tokenizer: model / pre_tokenizer are not the expected objects"
         ) from None
+    try:
+        forms = normalize.from_tokenizer_json(tok.get("normalizer"))
+    except ValueError as err:
+        raise fail(
+            tok_path, f"normalizer {err} is not supported (only {', '.join(normalize.FORMS)} and Sequences of them)"
+        ) from None
 
     by_id: dict[int, tuple[str, int]] = {}
     for text, i in tok["model"]["vocab"].items():
@@ -285,6 +293,7 @@ def read_vocab(hf_dir: str | os.PathLike[str], vocab_size: int) -> Vocab:
         add_bos=add_bos,
         chat_template=_chat_template(hf_dir, tcfg),
         ids=ids,
+        normalizer=forms,
     )
 
 
@@ -398,6 +407,8 @@ def write_gguf(
     w.add_add_bos_token(vocab.add_bos)
     if vocab.chat_template:
         w.add_chat_template(vocab.chat_template)
+    if vocab.normalizer:
+        w.add_string(normalize.GGUF_KEY, normalize.to_gguf(vocab.normalizer))
     w.add_string(FINGERPRINT_KEY, fingerprint)
 
     # Tensor infos first, then the data one tensor at a time: GGUFWriter never holds the model.

@@ -92,6 +92,36 @@ def test_llama_cpp_tokenizes_like_tokenizers(converted, model):
         vocab.close()
 
 
+# Texts whose bytes change under normalization: decomposed accents, a ligature, full-width digits.
+NORMALIZE_TEXTS = ["cafe\u0301", "A\u030a", "cafe\u0301 and caf\u00e9, A\u030angstr\u00f6m",
+                   "\ufb01nd \uff11\uff12 <think>e\u0301</think>", "plain ascii"]
+
+
+@pytest.mark.parametrize(
+    "normalizer",
+    [{"type": "NFC"}, {"type": "NFKC"}, {"type": "Sequence", "normalizers": [{"type": "NFD"}, {"type": "NFKC"}]},
+     {"type": "NFD"}, None],
+    ids=["nfc", "nfkc", "sequence", "nfd", "none"],
+)
+def test_runtime_tokenizes_like_tokenizers_after_normalization(tmp_path, normalizer):
+    from tokenizers import Tokenizer
+
+    from edge_ms.model import Model
+
+    hf = tmp_path / "m"
+    shutil.copytree(FIXTURES / "tiny-qwen2", hf)
+    _edit_json(hf / "tokenizer.json", lambda t: t.update(normalizer=normalizer))
+    result = run_convert(str(hf), "-o", str(tmp_path / "out"), "--quant", "f32")
+    assert result.exit_code == 0, result.output
+    want = Tokenizer.from_file(str(hf / "tokenizer.json"))
+    model = Model(tmp_path / "out" / "m-f32.gguf")
+    try:
+        for text in NORMALIZE_TEXTS:
+            assert model.tokenize(text) == want.encode(text, add_special_tokens=False).ids, text
+    finally:
+        model.close()
+
+
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("quant, tol", [("f32", 2e-3), ("f16", 2e-2)])
 def test_hidden_states_and_logits_match_transformers(converted, model, quant, tol):
@@ -281,6 +311,24 @@ BAD_INPUTS = {
         "names shard 'model-00003-of-00003.safetensors', which does not exist",
     ),
     "malicious_head": ("tiny-qwen2", _malicious_head, "score_module.pt", "refused global"),
+    "lowercase_normalizer": (
+        "tiny-qwen2",
+        lambda hf, m: _edit_json(
+            hf / "tokenizer.json",
+            lambda t: t.update(normalizer={"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Lowercase"}]}),
+        ),
+        "tokenizer.json",
+        "normalizer Lowercase is not supported (only NFC, NFD, NFKC, NFKD and Sequences of them)",
+    ),
+    "replace_normalizer": (
+        "tiny-qwen2",
+        lambda hf, m: _edit_json(
+            hf / "tokenizer.json",
+            lambda t: t.update(normalizer={"type": "Replace", "pattern": {"String": " "}, "content": "_"}),
+        ),
+        "tokenizer.json",
+        "normalizer Replace is not supported",
+    ),
     "huge_tokenizer": (
         "tiny-qwen2",
         lambda hf, m: _sparse(hf / "tokenizer.json", (64 << 20) + 1),
