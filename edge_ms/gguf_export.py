@@ -221,7 +221,8 @@ def read_vocab(hf_dir: str | os.PathLike[str], vocab_size: int) -> Vocab:
         forms = normalize.from_tokenizer_json(tok.get("normalizer"))
     except ValueError as err:
         raise fail(
-            tok_path, f"normalizer {err} is not supported (only {', '.join(normalize.FORMS)} and Sequences of them)"
+            tok_path,
+            f"normalizer {err} is not supported (only {', '.join(normalize.FORMS)} and Sequences of them)",
         ) from None
 
     by_id: dict[int, tuple[str, int]] = {}

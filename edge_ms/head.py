@@ -349,7 +349,8 @@ def _initializers(model: onnx.ModelProto, path: Path, c: int) -> dict[str, np.nd
         if tuple(t.dims) != shape:
             raise fail(path, f"weight {key} has shape {list(t.dims)}, expected {list(shape)} for hidden_size {c}")
         if t.data_type not in _FLOAT_TYPES:
-            raise fail(path, f"weight {key} has ONNX type {TensorProto.DataType.Name(t.data_type)}, expected a float type")
+            kind = TensorProto.DataType.Name(t.data_type)
+            raise fail(path, f"weight {key} has ONNX type {kind}, expected a float type")
         try:
             arr = numpy_helper.to_array(t).astype(np.float32, copy=False)
         except Exception:  # numpy's reshape errors on data that does not fill the declared shape
@@ -365,7 +366,9 @@ def _refuse_external(model: onnx.ModelProto, path: Path) -> None:
     for t in model.graph.initializer:
         if t.data_location == TensorProto.EXTERNAL or len(t.external_data):
             where = {e.key: e.value for e in t.external_data}.get("location", "")
-            raise fail(path, f"tensor {t.name!r} refers to data outside the file ({where!r}); a head must hold its weights")
+            raise fail(
+                path, f"tensor {t.name!r} refers to data outside the file ({where!r}); a head must hold its weights"
+            )
     if len(model.graph.sparse_initializer) or len(model.functions):
         raise fail(path, "head graph has sparse initializers or local functions, which an SPRM head never has")
 

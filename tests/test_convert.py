@@ -315,7 +315,9 @@ BAD_INPUTS = {
         "tiny-qwen2",
         lambda hf, m: _edit_json(
             hf / "tokenizer.json",
-            lambda t: t.update(normalizer={"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Lowercase"}]}),
+            lambda t: t.update(
+                normalizer={"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Lowercase"}]}
+            ),
         ),
         "tokenizer.json",
         "normalizer Lowercase is not supported (only NFC, NFD, NFKC, NFKD and Sequences of them)",
@@ -403,7 +405,8 @@ def test_special_files_are_refused_without_hanging_or_filling_memory(tmp_path, n
         capture_output=True, text=True, timeout=120, preexec_fn=_limit_memory,
     )
     assert proc.returncode == 1, proc.stderr[-2000:]
-    assert proc.stderr == f"error: {hf / name}: not a regular file (a {'chat template' if name.endswith('.jinja') else 'JSON file'} must be one, not a device, FIFO or directory)\n"
+    what = "chat template" if name.endswith(".jinja") else "JSON file"
+    assert proc.stderr == f"error: {hf / name}: not a regular file (a {what} must be one, not a device, FIFO or directory)\n"
     assert not out.exists()
 
 
