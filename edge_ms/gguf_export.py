@@ -21,7 +21,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from edge_ms import normalize
 from edge_ms.errors import EdgeMSError, fail
+from edge_ms.readfile import read_capped
 from edge_ms.safetensors_io import TensorEntry, convert_into
 
 __all__ = [
@@ -39,6 +41,9 @@ __all__ = [
 
 
 QUANTS = ("f32", "f16", "q8_0", "q4_k_m")
+# Qwen2's tokenizer.json is 7 MB and the largest vocabularies stay under 40 MB: anything past this
+# cap is not a tokenizer, config or chat template (and /dev/zero would be read until memory ran out).
+MAX_TEXT_BYTES = 64 << 20
 FINGERPRINT_KEY = "edge_ms.backbone_fingerprint"
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2]
 
@@ -80,14 +85,27 @@ class Vocab:
     add_bos: bool
     chat_template: str | None
     ids: dict[str, int] = field(repr=False)  # token text -> id, for looking up special tokens
+    normalizer: tuple[str, ...] = ()  # Unicode forms applied before BPE (edge_ms.normalize)
 
 
-def _read_json(path: Path) -> dict:
+def _read_text(path: Path, what: str, optional: bool = False) -> str | None:
+    """A checkpoint's text file, read with a bound (see :mod:`edge_ms.readfile`); None if optional and absent."""
+    if optional and not os.path.lexists(path):
+        return None
+    data = read_capped(path, MAX_TEXT_BYTES, what)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise fail(path, "file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise fail(path, f"not UTF-8 text ({err})") from None
+
+
+def _read_json(path: Path, optional: bool = False) -> dict:
+    text = _read_text(path, "JSON file", optional)
+    if text is None:
+        return {}
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
         raise fail(path, f"not valid JSON ({err})") from None
     if not isinstance(data, dict):
         raise fail(path, "not a JSON object")
@@ -199,6 +217,13 @@ def read_vocab(hf_dir: str | os.PathLike[str], vocab_size: int) -> Vocab:
         raise fail(
             tok_path, "malformed tokenizer: model / pre_tokenizer are not the expected objects"
         ) from None
+    try:
+        forms = normalize.from_tokenizer_json(tok.get("normalizer"))
+    except ValueError as err:
+        raise fail(
+            tok_path,
+            f"normalizer {err} is not supported (only {', '.join(normalize.FORMS)} and Sequences of them)",
+        ) from None
 
     by_id: dict[int, tuple[str, int]] = {}
     for text, i in tok["model"]["vocab"].items():
@@ -231,9 +256,9 @@ def read_vocab(hf_dir: str | os.PathLike[str], vocab_size: int) -> Vocab:
         merges.append(" ".join(m) if isinstance(m, list) else m)
 
     tcfg_path = hf_dir / "tokenizer_config.json"
-    tcfg = _read_json(tcfg_path) if tcfg_path.is_file() else {}
+    tcfg = _read_json(tcfg_path, optional=True)
     gen_path = hf_dir / "generation_config.json"
-    gen = _read_json(gen_path) if gen_path.is_file() else {}
+    gen = _read_json(gen_path, optional=True)
     cfg = _read_json(hf_dir / "config.json")
 
     def special(name: str) -> int | None:
@@ -269,6 +294,7 @@ def read_vocab(hf_dir: str | os.PathLike[str], vocab_size: int) -> Vocab:
         add_bos=add_bos,
         chat_template=_chat_template(hf_dir, tcfg),
         ids=ids,
+        normalizer=forms,
     )
 
 
@@ -279,8 +305,7 @@ def _chat_template(hf_dir: Path, tcfg: Mapping) -> str | None:
         template = named.get("default")
     if isinstance(template, str):
         return template
-    jinja = hf_dir / "chat_template.jinja"  # where transformers 5.x saves it
-    return jinja.read_text(encoding="utf-8") if jinja.is_file() else None
+    return _read_text(hf_dir / "chat_template.jinja", "chat template", optional=True)  # where transformers 5.x saves it
 
 
 def _expected_shapes(p: Qwen2Params) -> dict[str, tuple[int, ...]]:
@@ -383,6 +408,8 @@ def write_gguf(
     w.add_add_bos_token(vocab.add_bos)
     if vocab.chat_template:
         w.add_chat_template(vocab.chat_template)
+    if vocab.normalizer:
+        w.add_string(normalize.GGUF_KEY, normalize.to_gguf(vocab.normalizer))
     w.add_string(FINGERPRINT_KEY, fingerprint)
 
     # Tensor infos first, then the data one tensor at a time: GGUFWriter never holds the model.

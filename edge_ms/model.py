@@ -14,6 +14,7 @@ from pathlib import Path
 import llama_cpp
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from edge_ms import normalize
 from edge_ms.errors import EdgeMSError, fail
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,12 @@ class Model:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.eos = llama_cpp.llama_vocab_eos(self.vocab)
         self.bos = llama_cpp.llama_vocab_bos(self.vocab)
+        stored = self.meta(normalize.GGUF_KEY)
+        try:
+            self.normalizer = normalize.from_gguf(stored or "")
+        except ValueError as err:
+            self.close()
+            raise fail(self.path, f"{normalize.GGUF_KEY} names an unknown Unicode form {str(err)!r}") from None
 
     def close(self) -> None:
         if getattr(self, "ptr", None):
@@ -151,7 +158,8 @@ class Model:
         return tuple(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t))
 
     def tokenize(self, text: str, add_special: bool = False, parse_special: bool = True) -> list[int]:
-        data = text.encode("utf-8")
+        # The checkpoint's own normalizer first: llama.cpp's BPE does not apply it.
+        data = normalize.apply(text, self.normalizer).encode("utf-8")
         cap = len(data) + 16
         buf = (llama_cpp.llama_token * cap)()
         n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)

@@ -10,7 +10,7 @@ from pathlib import Path
 from edge_ms.answers import extract_answer
 from edge_ms.engine import Engine, Event, Pruner, Stats, Trajectory
 from edge_ms.errors import EdgeMSError, fail
-from edge_ms.head import Head, load_head
+from edge_ms.head import Head, check_backbone, load_head
 from edge_ms.model import DeviceSettings, Model
 from edge_ms.modes import resolve_n
 from edge_ms.plan import DEFAULT_BUDGET_FRACTION, available_memory
@@ -83,20 +83,6 @@ class Result:
         }
 
 
-def check_head(model: Model, head: Head) -> None:
-    """Refuse a head that was not trained on this backbone."""
-    spec = head.spec
-    if spec.hidden_size != model.n_embd:
-        raise fail(head.path, f"head width {spec.hidden_size} does not match the backbone's hidden size {model.n_embd} ({model.path.name})")
-    if not 0 <= spec.layer < model.n_layer:
-        raise fail(head.path, f"head taps layer {spec.layer} but {model.path.name} has {model.n_layer} layers")
-    if spec.backbone_fingerprint != model.fingerprint:
-        raise fail(
-            head.path,
-            f"head belongs to backbone {spec.backbone_fingerprint}, not to {model.path.name} ({model.fingerprint})",
-        )
-
-
 def _split_answer(text: str, think_end: str | None) -> tuple[str, str]:
     if think_end and think_end in text:
         reasoning, _, answer = text.partition(think_end)
@@ -133,7 +119,7 @@ class Reasoner:
         budget = memory_bytes if memory_bytes is not None else int(available_memory() * DEFAULT_BUDGET_FRACTION)
         h = load_head(head_path)
         m = Model(gguf, settings)
-        check_head(m, h)
+        check_backbone(h, m)
         weights = m.path.stat().st_size
         if weights >= budget:
             limit = f"--memory {budget / 2**30:.2f} GiB" if memory_bytes is not None else (

@@ -25,7 +25,7 @@ from edge_ms.answers import extract_answer, is_correct
 from edge_ms.atomic import atomic_write
 from edge_ms.engine import Engine
 from edge_ms.errors import EdgeMSError, fail
-from edge_ms.head import HeadSpec, load_head, write_head
+from edge_ms.head import HeadSpec, check_backbone, load_head, write_head
 from edge_ms.model import DeviceSettings, Model
 from edge_ms.sampling import SamplingParams
 from edge_ms.score import trajectory_score
@@ -298,9 +298,8 @@ def train_sprm(
     try:
         if init is not None:
             start = load_head(init)
+            check_backbone(start, model)
             spec, weights = start.spec, start.weights()
-            if spec.backbone_fingerprint != model.fingerprint or spec.hidden_size != model.n_embd:
-                raise fail(init, f"head belongs to another backbone than {model.path.name}")
         else:
             spec = default_spec(model, config.delimiter, config.layer)
             weights = init_head(model.n_embd, config.seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -79,6 +80,19 @@ def test_head_of_another_width_is_refused(converted):
     line = one_line_error(run("solve", "Hi", "--model", str(converted("tiny-qwen2", "f32") / "tiny-qwen2-f32.gguf"),
                               "--head", str(other), "--n", "2"))
     assert "head width 64 does not match" in line
+
+
+def test_head_with_a_token_id_past_the_vocabulary_is_refused(converted, tmp_path):
+    # llama.cpp aborts the process (std::out_of_range) when asked about such an id, and gdb's
+    # backtrace lands on stdout: the id must be refused before, with --json output left empty.
+    model_dir = converted("tiny-qwen2", "f32")
+    head = load_head(model_dir / "tiny-qwen2.sprm.onnx")
+    write_head(tmp_path / "ids.sprm.onnx", head.weights(), dataclasses.replace(head.spec, think_end_id=600))
+    proc = run("solve", "Hi", "--model", str(model_dir / "tiny-qwen2-f32.gguf"),
+               "--head", str(tmp_path / "ids.sprm.onnx"), "--n", "2", "--json")
+    line = one_line_error(proc)
+    assert proc.stdout == ""
+    assert "ids.sprm.onnx: think_end_id 600 is not a token of tiny-qwen2-f32.gguf" in line
 
 
 @pytest.mark.parametrize("args,needle", [(["--mode", "extreme"], "unknown mode"), (["--n", "0"], "at least one"),

@@ -77,6 +77,7 @@ def test_vocab_types_padding_and_specials():
     assert len(v.merges) == len(tok["model"]["merges"]) and all(m.count(" ") == 1 for m in v.merges)
     assert v.bos_id == v.ids["<｜begin▁of▁sentence｜>"] and v.eos_id == v.ids["<｜end▁of▁sentence｜>"]
     assert v.add_bos is True and v.chat_template == tcfg["chat_template"]
+    assert tok["normalizer"] == {"type": "NFC"} and v.normalizer == ("NFC",)
 
 
 def test_non_qwen2_pretokenizer_is_refused(tmp_path):
@@ -120,6 +121,7 @@ def test_written_gguf_metadata_and_tensors(tmp_path, quant):
         "tokenizer.ggml.eos_token_id": vocab.eos_id,
         "tokenizer.ggml.add_bos_token": True,
         "edge_ms.backbone_fingerprint": "0123456789abcdef",
+        "edge_ms.tokenizer.normalizer": "NFC",  # the fixture's tokenizer.json declares NFC
     }
     assert {k: _field(r, k) for k in expect} == expect
     assert _field(r, "qwen2.attention.layer_norm_rms_epsilon") == pytest.approx(1e-6)
