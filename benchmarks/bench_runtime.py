@@ -52,6 +52,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _synthetic  # noqa: E402
 
+from edge_ms.atomic import write_text  # noqa: E402
 from edge_ms.engine import Engine  # noqa: E402
 from edge_ms.model import KV_TYPES, DeviceSettings, Model, default_extra_bufts  # noqa: E402
 from edge_ms.reasoner import Reasoner, available_memory  # noqa: E402
@@ -791,9 +792,7 @@ def markdown(res: dict, command: str) -> str:
 
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 def main(argv: list[str] | None = None) -> int:
