@@ -321,9 +321,10 @@ def train_sprm_cmd(model, task, output, train_problems, heldout_problems, n, see
             bar.update(tasks[phase], completed=done)
 
         def on_epoch(e) -> None:
-            if "train" not in tasks:
-                tasks["train"] = bar.add_task("training", total=epochs)
-            bar.update(tasks["train"], completed=e.epoch)
+            # Its own key: "train" is the phase of sampling the training problems.
+            if "epochs" not in tasks:
+                tasks["epochs"] = bar.add_task("training", total=epochs)
+            bar.update(tasks["epochs"], completed=e.epoch)
 
         report = train_sprm(gguf, train, heldout, out, config, DeviceSettings(n_threads=threads), init,
                             on_progress, on_epoch, cache)

@@ -8,8 +8,7 @@ trajectories, step scores within 3.6e-4.
 
 from __future__ import annotations
 
-import edge_ms  # noqa: F401  (first: it loads onnx before llama.cpp, which a CUDA build needs)
-import llama_cpp
+import llama_cpp  # after edge_ms, which conftest.py imports first (a CUDA build needs that order)
 import pytest
 
 from edge_ms.model import DeviceSettings
