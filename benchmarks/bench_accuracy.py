@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_ms.answers import is_correct
+from edge_ms.atomic import write_text
 from edge_ms.default_model import default_head_path, find_default_gguf
 from edge_ms.engine import Engine
 from edge_ms.head import load_head, write_head
@@ -132,7 +133,7 @@ def main() -> None:
     text = json.dumps(report, indent=1)
     print(text)
     if args.json:
-        Path(args.json).write_text(text + "\n")
+        write_text(args.json, text + "\n")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ import sys
 import click
 
 from edge_ms.errors import EdgeMSError
+from edge_ms.quants import KV_BYTES_PER_VALUE, QUANTS
+
+_QUANT_NAMES = ", ".join(QUANTS)
+_KV_TYPE_HELP = f"KV-cache type: {' or '.join(KV_BYTES_PER_VALUE)}."
 
 
 def _one_line_errors(fn):
@@ -58,11 +62,11 @@ def device_options(fn):
     """Options every command that loads a model shares."""
     opts = [
         click.option("--model", "-m", default=None, help="Model directory, store name, or GGUF file (default: embedded model)."),
-        click.option("--quant", default=None, help="Which GGUF of the model to use (f32, f16, q8_0, q4_k_m)."),
+        click.option("--quant", default=None, help=f"Which GGUF of the model to use ({_QUANT_NAMES})."),
         click.option("--head", default=None, help="SPRM head file (.sprm.onnx), when --model is a bare GGUF."),
         click.option("--threads", type=int, default=None, help="CPU threads (default: all cores)."),
         click.option("--n-gpu-layers", type=int, default=0, show_default=True, help="Layers to offload to the GPU."),
-        click.option("--kv-type", default="f16", show_default=True, help="KV-cache type: f16 or q8_0."),
+        click.option("--kv-type", default="f16", show_default=True, help=_KV_TYPE_HELP),
         click.option("--extra-bufts/--no-extra-bufts", default=None,
                      help="llama.cpp extra buffer types (weight repacking, AMX). Default: on unless the build has AMX."),
         click.option("--memory", default=None, help="Memory budget, e.g. 4GiB: plans N and the context to fit."),
@@ -137,8 +141,7 @@ def _human_size(n: float) -> str:
 
 @main.command("pull")
 @click.argument("repo_id")
-# The same list as edge_ms.store.QUANTS, spelled out so `--help` does not import onnxruntime.
-@click.option("--quant", type=click.Choice(["f32", "f16", "q8_0", "q4_k_m"]), default="q4_k_m", show_default=True,
+@click.option("--quant", type=click.Choice(QUANTS), default="q4_k_m", show_default=True,
               help="GGUF type to convert to; pull again with another one to add it.")
 @click.option("--revision", default=None, help="Branch, tag or commit on the Hub (default: main).")
 @click.option("--name", default=None, help="Store name (default: the repo name, lower-cased).")
@@ -189,7 +192,7 @@ def list_cmd(as_json) -> None:
 @click.argument("hf_dir")
 @click.option("-o", "--out", "out_dir", required=True, help="Output directory (new unless --force).")
 # A plain string, validated by edge_ms.convert, so a bad value is one error line, not a usage block.
-@click.option("--quant", default="f16", show_default=True, help="GGUF type: f32, f16, q8_0 or q4_k_m.")
+@click.option("--quant", default="f16", show_default=True, help=f"GGUF type: {_QUANT_NAMES}.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR once the new conversion is complete.")
 @_one_line_errors
 def convert_cmd(hf_dir, out_dir, quant, force) -> None:
@@ -235,7 +238,7 @@ def serve_cmd(model, quant, head, threads, n_gpu_layers, kv_type, extra_bufts, m
 @click.option("--mode", default="medium", show_default=True, help="low / medium / high = 2 / 8 / 32 trajectories.")
 @click.option("--n", "n", type=int, default=None, help="Number of trajectories (overrides --mode).")
 @click.option("--max-new-tokens", type=int, default=1024, show_default=True)
-@click.option("--kv-type", default="f16", show_default=True, help="KV-cache type: f16 or q8_0.")
+@click.option("--kv-type", default="f16", show_default=True, help=_KV_TYPE_HELP)
 @click.option("--prompt-tokens", type=int, default=256, show_default=True, help="Prompt length to plan for.")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
@@ -311,7 +314,8 @@ def train_sprm_cmd(model, task, output, train_problems, heldout_problems, n, see
         train, heldout = problems[:cut][:train_problems], problems[cut:][:heldout_problems]
         if not heldout:
             raise EdgeMSError(f"{task}: too few problems to hold some out for evaluation")
-    config = TrainConfig(n, seed, max_new_tokens, temperature, epochs, lr, warmup_epochs, delimiter, layer, workers)
+    config = TrainConfig(n=n, seed=seed, max_new_tokens=max_new_tokens, temperature=temperature, epochs=epochs, lr=lr,
+                         warmup_epochs=warmup_epochs, delimiter=delimiter, layer=layer, workers=workers)
     with Progress(transient=True) as bar:
         tasks: dict[str, object] = {}
 
@@ -321,9 +325,10 @@ def train_sprm_cmd(model, task, output, train_problems, heldout_problems, n, see
             bar.update(tasks[phase], completed=done)
 
         def on_epoch(e) -> None:
-            if "train" not in tasks:
-                tasks["train"] = bar.add_task("training", total=epochs)
-            bar.update(tasks["train"], completed=e.epoch)
+            # Its own key: "train" is the phase of sampling the training problems.
+            if "epochs" not in tasks:
+                tasks["epochs"] = bar.add_task("training", total=epochs)
+            bar.update(tasks["epochs"], completed=e.epoch)
 
         report = train_sprm(gguf, train, heldout, out, config, DeviceSettings(n_threads=threads), init,
                             on_progress, on_epoch, cache)

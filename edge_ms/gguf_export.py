@@ -27,20 +27,20 @@ from edge_ms.readfile import read_capped
 from edge_ms.safetensors_io import TensorEntry, convert_into
 
 __all__ = [
-    "QUANTS",
     "FINGERPRINT_KEY",
     "Qwen2Params",
     "Vocab",
     "read_params",
     "read_vocab",
+    "add_metadata",
     "plan_tensors",
+    "qwen2_tensor_shapes",
     "write_gguf",
     "quantize",
     "tokenize",
 ]
 
 
-QUANTS = ("f32", "f16", "q8_0", "q4_k_m")
 # Qwen2's tokenizer.json is 7 MB and the largest vocabularies stay under 40 MB: anything past this
 # cap is not a tokenizer, config or chat template (and /dev/zero would be read until memory ran out).
 MAX_TEXT_BYTES = 64 << 20
@@ -308,31 +308,47 @@ def _chat_template(hf_dir: Path, tcfg: Mapping) -> str | None:
     return _read_text(hf_dir / "chat_template.jinja", "chat template", optional=True)  # where transformers 5.x saves it
 
 
-def _expected_shapes(p: Qwen2Params) -> dict[str, tuple[int, ...]]:
-    q, kv = p.n_head * p.head_dim, p.n_head_kv * p.head_dim
+def qwen2_tensor_shapes(
+    *, n_layer: int, n_embd: int, n_head: int, n_head_kv: int, n_ff: int, n_vocab: int,
+    head_dim: int | None = None, tied_embeddings: bool = False,
+) -> dict[str, tuple[int, ...]]:
+    """GGUF name -> shape of every tensor of a Qwen2 model, in llama.cpp's order.
+
+    Shapes are [rows, cols] as in the checkpoint (torch's [out, in]); ``head_dim`` defaults to
+    ``n_embd // n_head``. A model with tied embeddings has no ``output.weight``.
+    """
+    head_dim = head_dim or n_embd // n_head
+    q, kv = n_head * head_dim, n_head_kv * head_dim
     shapes: dict[str, tuple[int, ...]] = {
-        "token_embd.weight": (p.vocab_size, p.hidden_size),
-        "output_norm.weight": (p.hidden_size,),
+        "token_embd.weight": (n_vocab, n_embd),
+        "output_norm.weight": (n_embd,),
     }
-    if not p.tied_embeddings:
-        shapes["output.weight"] = (p.vocab_size, p.hidden_size)
-    for i in range(p.n_layer):
+    if not tied_embeddings:
+        shapes["output.weight"] = (n_vocab, n_embd)
+    for i in range(n_layer):
         b = f"blk.{i}."
         shapes |= {
-            b + "attn_norm.weight": (p.hidden_size,),
-            b + "attn_q.weight": (q, p.hidden_size),
+            b + "attn_norm.weight": (n_embd,),
+            b + "attn_q.weight": (q, n_embd),
             b + "attn_q.bias": (q,),
-            b + "attn_k.weight": (kv, p.hidden_size),
+            b + "attn_k.weight": (kv, n_embd),
             b + "attn_k.bias": (kv,),
-            b + "attn_v.weight": (kv, p.hidden_size),
+            b + "attn_v.weight": (kv, n_embd),
             b + "attn_v.bias": (kv,),
-            b + "attn_output.weight": (p.hidden_size, q),
-            b + "ffn_norm.weight": (p.hidden_size,),
-            b + "ffn_gate.weight": (p.ffn_size, p.hidden_size),
-            b + "ffn_up.weight": (p.ffn_size, p.hidden_size),
-            b + "ffn_down.weight": (p.hidden_size, p.ffn_size),
+            b + "attn_output.weight": (n_embd, q),
+            b + "ffn_norm.weight": (n_embd,),
+            b + "ffn_gate.weight": (n_ff, n_embd),
+            b + "ffn_up.weight": (n_ff, n_embd),
+            b + "ffn_down.weight": (n_embd, n_ff),
         }
     return shapes
+
+
+def _expected_shapes(p: Qwen2Params) -> dict[str, tuple[int, ...]]:
+    return qwen2_tensor_shapes(
+        n_layer=p.n_layer, n_embd=p.hidden_size, n_head=p.n_head, n_head_kv=p.n_head_kv, n_ff=p.ffn_size,
+        n_vocab=p.vocab_size, head_dim=p.head_dim, tied_embeddings=p.tied_embeddings,
+    )
 
 
 def plan_tensors(entries: Mapping[str, TensorEntry], p: Qwen2Params) -> list[tuple[str, TensorEntry]]:
@@ -366,19 +382,15 @@ def _out_dtype(ndim: int, quant: str) -> np.dtype:
     return np.dtype(np.float16 if quant != "f32" and ndim >= 2 else np.float32)
 
 
-def write_gguf(
-    path: str | os.PathLike[str],
+def add_metadata(
+    w: gguf.GGUFWriter,
     name: str,
     params: Qwen2Params,
     vocab: Vocab,
-    plan: list[tuple[str, TensorEntry]],
-    fingerprint: str,
-    quant: str = "f16",
+    file_type: gguf.LlamaFileType,
+    fingerprint: str | None,
 ) -> None:
-    """Write an f32 or f16 GGUF, streaming: only one converted tensor is in memory at a time."""
-    if quant not in ("f32", "f16"):
-        raise EdgeMSError(f"--quant {quant}: write_gguf writes f32 or f16 only")
-    w = gguf.GGUFWriter(path, ARCH)
+    """The key-value part of a Qwen2 GGUF: what llama.cpp's qwen2 graph and its BPE tokenizer read."""
     w.add_name(name)
     w.add_context_length(params.context_length)
     w.add_embedding_length(params.hidden_size)
@@ -391,7 +403,7 @@ def write_gguf(
         w.add_value_length(params.head_dim)
     w.add_rope_freq_base(params.rope_theta)
     w.add_layer_norm_rms_eps(params.rms_eps)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32 if quant == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+    w.add_file_type(file_type)
 
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
@@ -410,7 +422,25 @@ def write_gguf(
         w.add_chat_template(vocab.chat_template)
     if vocab.normalizer:
         w.add_string(normalize.GGUF_KEY, normalize.to_gguf(vocab.normalizer))
-    w.add_string(FINGERPRINT_KEY, fingerprint)
+    if fingerprint is not None:
+        w.add_string(FINGERPRINT_KEY, fingerprint)
+
+
+def write_gguf(
+    path: str | os.PathLike[str],
+    name: str,
+    params: Qwen2Params,
+    vocab: Vocab,
+    plan: list[tuple[str, TensorEntry]],
+    fingerprint: str,
+    quant: str = "f16",
+) -> None:
+    """Write an f32 or f16 GGUF, streaming: only one converted tensor is in memory at a time."""
+    if quant not in ("f32", "f16"):
+        raise EdgeMSError(f"--quant {quant}: write_gguf writes f32 or f16 only")
+    w = gguf.GGUFWriter(path, ARCH)
+    file_type = gguf.LlamaFileType.ALL_F32 if quant == "f32" else gguf.LlamaFileType.MOSTLY_F16
+    add_metadata(w, name, params, vocab, file_type, fingerprint)
 
     # Tensor infos first, then the data one tensor at a time: GGUFWriter never holds the model.
     dtypes = [_out_dtype(len(e.shape), quant) for _, e in plan]

@@ -5,14 +5,13 @@ inference. On disk it is an ONNX graph ``hidden_states [n, c] -> Gemm -> Relu ->
 -> step_score [n]`` whose initializers keep the torch state-dict names (``0.weight``, ``0.bias``,
 ``3.weight``, ``3.bias``), so training can read them back unchanged. Everything the runtime must
 know to use the head (which layer to tap, which tokens delimit steps, which backbone it belongs to)
-travels in ``metadata_props`` under the ``edge_ms.`` prefix.
+travels in ``metadata_props`` under the ``edge_ms.`` prefix. docs/method.md (section 5) describes
+the format.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,19 +22,22 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from edge_ms.atomic import write_bytes
 from edge_ms.errors import fail
 from edge_ms.readfile import read_capped
 
 if TYPE_CHECKING:  # only for the annotation: a head file is read without llama.cpp
     from edge_ms.model import Model
 
-__all__ = ["FORMAT_VERSION", "Head", "HeadSpec", "check_backbone", "load_head", "write_head"]
+__all__ = ["FORMAT_VERSION", "WEIGHT_KEYS", "Head", "HeadSpec", "check_backbone", "load_head", "weight_shapes",
+           "write_head"]
 
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
 
 INPUT_NAME = "hidden_states"
 OUTPUT_NAME = "step_score"
+# The torch state-dict names of Sequential(Linear(c, 2c), ReLU, Dropout, Linear(2c, 1)), in order.
 WEIGHT_KEYS = ("0.weight", "0.bias", "3.weight", "3.bias")
 
 # Opset 17 / IR 8: every op used here has been stable since opset 13, and IR 8 loads in
@@ -127,17 +129,7 @@ def write_head(
     data = model.SerializeToString()
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_temp(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Covers a failed write and KeyboardInterrupt alike: never leave the temp file behind.
-        tmp.unlink(missing_ok=True)
-        raise
+    write_bytes(path, data)
 
 
 def load_head(path: str | Path) -> Head:
@@ -186,16 +178,6 @@ def check_backbone(head: Head, model: Model) -> None:
             raise fail(head.path, f"{key} {bad[0]} is not a token of {name} (vocabulary of {model.n_vocab})")
 
 
-def _create_temp(path: Path) -> tuple[int, Path]:
-    """A new file beside ``path``; os.open with mode 0o666 so it gets the umask (mkstemp forces 0600)."""
-    while True:
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
-        except FileExistsError:
-            continue
-
-
 def _check_spec(path: Path, spec: HeadSpec) -> None:
     if spec.format_version not in SUPPORTED_FORMAT_VERSIONS:
         raise fail(path, f"cannot write format_version {spec.format_version} (supported: 1)")
@@ -218,7 +200,8 @@ def _is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _expected_shapes(c: int) -> dict[str, tuple[int, ...]]:
+def weight_shapes(c: int) -> dict[str, tuple[int, ...]]:
+    """The shape of each head weight for hidden size ``c``, keyed as ``WEIGHT_KEYS`` (docs/method.md, section 5)."""
     return {"0.weight": (2 * c, c), "0.bias": (2 * c,), "3.weight": (1, 2 * c), "3.bias": (1,)}
 
 
@@ -230,7 +213,7 @@ def _check_weights(path: Path, weights: Mapping[str, np.ndarray], c: int) -> dic
             path, f"head weights need exactly {list(WEIGHT_KEYS)}; missing {missing}, unexpected {extra}"
         )
     out = {}
-    for key, shape in _expected_shapes(c).items():
+    for key, shape in weight_shapes(c).items():
         arr = np.asarray(weights[key])
         if arr.shape != shape:
             raise fail(
@@ -343,7 +326,7 @@ def _initializers(model: onnx.ModelProto, path: Path, c: int) -> dict[str, np.nd
     if missing:
         raise fail(path, f"head weights {missing} missing from the ONNX graph")
     out = {}
-    for key, shape in _expected_shapes(c).items():
+    for key, shape in weight_shapes(c).items():
         t = found[key]
         # Shape and type first, from the header alone: the data is converted only once it must fit.
         if tuple(t.dims) != shape:

@@ -16,10 +16,12 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from edge_ms import normalize
 from edge_ms.errors import EdgeMSError, fail
+from edge_ms.quants import KV_BYTES_PER_VALUE, kv_bytes_per_cell
 
 log = logging.getLogger(__name__)
 
-KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
+# llama.cpp's ggml type for each KV-cache type edge_ms offers.
+KV_TYPES = {name: getattr(llama_cpp, f"GGML_TYPE_{name.upper()}") for name in KV_BYTES_PER_VALUE}
 
 
 @dataclass(frozen=True)
@@ -207,6 +209,4 @@ class Model:
         """KV-cache bytes per token over all layers (K and V)."""
         n_head = llama_cpp.llama_model_n_head(self.ptr)
         n_head_kv = llama_cpp.llama_model_n_head_kv(self.ptr)
-        head_dim = self.n_embd // max(n_head, 1)
-        per_elem = 2.0 if kv_type == "f16" else 34 / 32  # q8_0: 32 values in 34 bytes
-        return int(self.n_layer * 2 * n_head_kv * head_dim * per_elem)
+        return int(kv_bytes_per_cell(self.n_layer, n_head_kv, self.n_embd // max(n_head, 1), kv_type))

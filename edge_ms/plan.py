@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from edge_ms.errors import EdgeMSError, fail
 from edge_ms.modes import MODES
+from edge_ms.quants import KV_BYTES_PER_VALUE, kv_bytes_per_cell
 from edge_ms.store import locate
 
 if TYPE_CHECKING:
@@ -54,8 +55,6 @@ __all__ = [
     "tensor_bytes",
 ]
 
-# Bytes per cached value: f16, or q8_0 (32 values in 34 bytes).
-KV_BYTES_PER_VALUE = {"f16": 2.0, "q8_0": 34 / 32}
 CTX_PAD = 256  # llama.cpp allocates the KV cache in multiples of 256 cells
 KV_LAYOUTS = ("auto", "unified", "streams")
 ENGINE_BATCH = 512  # the engine's llama.cpp batch: prompt chunk size and tap buffer rows
@@ -179,7 +178,7 @@ def memory_breakdown(
     n_ff = n_ff or 4 * n_embd
     head_dim = n_embd // max(n_head, 1)
     cells = _pad(n_ctx, CTX_PAD)
-    kv = int(cells * n_layer * 2 * n_head_kv * head_dim * KV_BYTES_PER_VALUE[kv_type])
+    kv = int(cells * kv_bytes_per_cell(n_layer, n_head_kv, head_dim, kv_type))
 
     def graph(tokens: int, rows_of_logits: int) -> int:
         # Live at the widest point of a layer: the FFN's gate, up and product (n_ff wide) and
@@ -314,7 +313,7 @@ def shape_from_model(model: Model) -> ModelShape:
     return shape
 
 
-# Published MetaStone-S1 backbones (REFERENCE.md section 1; the head counts, FFN width, vocabulary
+# Published MetaStone-S1 backbones (docs/method.md, section 2; the head counts, FFN width, vocabulary
 # and context length are those of the Qwen2.5 / R1-Distill / QwQ bases they were trained from).
 PRESETS = {
     "1.5b": dict(
@@ -336,37 +335,30 @@ def qwen2_tensors(shape: ModelShape, quant: str) -> list[tuple[str, tuple[int, .
     Q4_K_M keeps the output matrix, and attn_v / ffn_down of the layers llama.cpp's
     ``use_more_bits`` picks (first and last eighth, every third in between), in Q6_K.
     """
+    from edge_ms.gguf_export import qwen2_tensor_shapes
+
     if quant not in PRESET_QUANTS:
         raise EdgeMSError(f"--quant {quant}: no size rule for it (choose from {', '.join(PRESET_QUANTS)})")
     base = {"f16": "F16", "q8_0": "Q8_0", "q4_k_m": "Q4_K"}[quant]
-    n, e, ff = shape.n_layer, shape.n_embd, shape.n_ff
-    kv = shape.n_head_kv * (e // shape.n_head)
+    n = shape.n_layer
 
-    def more_bits(i: int) -> bool:
-        return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+    def type_of(name: str, dims: tuple[int, ...]) -> str:
+        if len(dims) == 1:
+            return "F32"  # norms and biases
+        if quant != "q4_k_m":
+            return base
+        if name == "output.weight":
+            return "Q6_K"
+        if not name.endswith(("attn_v.weight", "ffn_down.weight")):
+            return base
+        i = int(name.split(".")[1])  # blk.<i>.
+        return "Q6_K" if i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2 else base
 
-    out = [
-        ("token_embd.weight", (shape.n_vocab, e), base),
-        ("output_norm.weight", (e,), "F32"),
-        ("output.weight", (shape.n_vocab, e), "Q6_K" if quant == "q4_k_m" else base),
-    ]
-    for i in range(n):
-        big = "Q6_K" if quant == "q4_k_m" and more_bits(i) else base
-        out += [
-            (f"blk.{i}.attn_norm.weight", (e,), "F32"),
-            (f"blk.{i}.attn_q.weight", (e, e), base),
-            (f"blk.{i}.attn_q.bias", (e,), "F32"),
-            (f"blk.{i}.attn_k.weight", (kv, e), base),
-            (f"blk.{i}.attn_k.bias", (kv,), "F32"),
-            (f"blk.{i}.attn_v.weight", (kv, e), big),
-            (f"blk.{i}.attn_v.bias", (kv,), "F32"),
-            (f"blk.{i}.attn_output.weight", (e, e), base),
-            (f"blk.{i}.ffn_norm.weight", (e,), "F32"),
-            (f"blk.{i}.ffn_gate.weight", (ff, e), base),
-            (f"blk.{i}.ffn_up.weight", (ff, e), base),
-            (f"blk.{i}.ffn_down.weight", (e, ff), big),
-        ]
-    return out
+    shapes = qwen2_tensor_shapes(
+        n_layer=n, n_embd=shape.n_embd, n_head=shape.n_head, n_head_kv=shape.n_head_kv, n_ff=shape.n_ff,
+        n_vocab=shape.n_vocab,
+    )
+    return [(name, dims, type_of(name, dims)) for name, dims in shapes.items()]
 
 
 def tensor_bytes(dims: tuple[int, ...], type_name: str) -> int:

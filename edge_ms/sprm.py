@@ -3,7 +3,7 @@
 ``train_sprm`` is what ``edge-ms train-sprm`` runs. Trajectories are sampled by the same
 engine and the same tap that serve users, so the head trains on exactly the hidden states it
 will see; each trajectory is labelled by whether its final answer is right (math-verify),
-truncated ones are left out (REFERENCE.md section 4), and the head is trained with the SPR
+truncated ones are left out (docs/method.md, section 6), and the head is trained with the SPR
 loss in numpy (``edge_ms.train``).
 """
 
@@ -70,7 +70,8 @@ def default_spec(model: Model, delimiter: str | None = None, layer: int | None =
     layer = model.n_layer - 2 if layer is None else layer
     if not 0 <= layer < model.n_layer:
         raise EdgeMSError(f"--layer {layer}: {model.path.name} has {model.n_layer} layers")
-    return HeadSpec(layer, model.n_embd, tuple(ids), think_start, think_end, model.fingerprint)
+    return HeadSpec(layer=layer, hidden_size=model.n_embd, step_delimiter_ids=tuple(ids), think_start_id=think_start,
+                    think_end_id=think_end, backbone_fingerprint=model.fingerprint)
 
 
 def _single_token(model: Model, text: str) -> int | None:
@@ -201,7 +202,7 @@ def arrays(samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray, np.ndarra
     feats, labels, traj = [], [], []
     for j, s in enumerate(samples):
         if not s.finished or len(s.rows) == 0:
-            continue  # truncated trajectories have no trustworthy label (REFERENCE.md section 4)
+            continue  # truncated trajectories have no trustworthy label (docs/method.md, section 6)
         feats.append(s.rows)
         labels.append(np.full(len(s.rows), float(s.correct)))
         traj.append(np.full(len(s.rows), j))

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import edge_ms  # noqa: F401  (before any test imports llama_cpp: docs/llama_cpp.md, section 5)
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 # The fixture models are tiny: one thread is faster than two, and llama.cpp's spinning

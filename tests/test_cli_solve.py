@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from edge_ms.head import HeadSpec, load_head, write_head
+from edge_ms.head import load_head, write_head
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -67,8 +67,7 @@ def test_head_of_another_backbone_is_refused(converted, tmp_path):
     model_dir = converted("tiny-qwen2", "f32")
     head = load_head(model_dir / "tiny-qwen2.sprm.onnx")
     spec = head.spec
-    foreign = HeadSpec(spec.layer, spec.hidden_size, spec.step_delimiter_ids, spec.think_start_id,
-                       spec.think_end_id, "0123456789abcdef")
+    foreign = dataclasses.replace(spec, backbone_fingerprint="0123456789abcdef")
     write_head(tmp_path / "foreign.sprm.onnx", head.weights(), foreign)
     line = one_line_error(run("solve", "Hi", "--model", str(model_dir / "tiny-qwen2-f32.gguf"),
                               "--head", str(tmp_path / "foreign.sprm.onnx"), "--n", "2"))

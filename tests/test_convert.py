@@ -25,11 +25,11 @@ from edge_ms import convert as convert_mod
 from edge_ms.cli import main
 from edge_ms.convert import fingerprint
 from edge_ms.head import load_head
+from edge_ms.quants import QUANTS
 from edge_ms.safetensors_io import open_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MODELS = ["tiny-qwen2", "tiny-qwen2-sharded"]
-QUANTS = ["f32", "f16", "q8_0", "q4_k_m"]
 
 
 def run_convert(*args: str):

@@ -28,7 +28,7 @@ from edge_ms.plan import (
 )
 
 GIB = 2**30
-# MetaStone-S1-1.5B's shape (REFERENCE.md section 1) with a made-up file size.
+# MetaStone-S1-1.5B's shape (docs/method.md, section 2) with a made-up file size.
 S15 = ModelShape("s1-1.5b", 1_000_000_000, 28, 1536, 12, 2, 8960, 151936, 131072)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -114,3 +116,22 @@ def test_unreadable_cache_file_is_resampled_not_fatal(converted, tmp_path):
         engine.model.close()
     assert [s.text for s in again] == [s.text for s in first]
     assert np.load(path)["rows_0"].shape == first[0].rows.shape  # rewritten whole
+
+
+def test_train_sprm_shows_a_training_bar_after_the_sampling_bars(converted, tmp_path):
+    model_dir = converted("tiny-qwen2", "f32")
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n" for i in range(5)))
+    # As on a terminal: rich draws its bars only there (plain text, fixed width).
+    env = {**os.environ, "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1", "NO_COLOR": "1", "TERM": "xterm",
+           "COLUMNS": "120"}
+    cmd = [sys.executable, "-m", "edge_ms.cli", "train-sprm", "--model", str(model_dir / "tiny-qwen2-f32.gguf"),
+           "--task", str(task), "-o", str(tmp_path / "bar.sprm.onnx"), "--n", "2", "--max-new-tokens", "400",
+           "--epochs", "3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr
+    screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "\n", proc.stdout)
+    rows = [line.strip() for line in re.split(r"[\r\n]", screen) if "━" in line]
+    last = {r.split("━")[0].split(" (")[0].strip(): r for r in rows}  # each bar as last drawn
+    assert set(last) == {"sampling train", "sampling held-out", "training"}, rows
+    assert all(" 100% " in r for r in last.values()), last
