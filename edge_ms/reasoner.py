@@ -173,8 +173,11 @@ class Reasoner:
         self.engine.close()
         self.model.close()
 
-    def prompt_ids(self, prompt: str | list[dict[str, str]], raw: bool = False) -> list[int]:
-        """Token ids of the prompt, through the model's chat template unless ``raw``."""
+    def prompt_ids(self, prompt: str | list[dict[str, str]], raw: bool = False, parse_special: bool = True) -> list[int]:
+        """Token ids of the prompt, through the model's chat template unless ``raw``.
+
+        ``parse_special=False`` keeps special-token text in message contents text (``Model.chat_ids``).
+        """
         if raw:
             if not isinstance(prompt, str):
                 raise EdgeMSError("a raw prompt must be a string")
@@ -182,7 +185,7 @@ class Reasoner:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         if not messages:
             raise EdgeMSError("empty message list")
-        return self.model.tokenize(self.model.apply_chat_template(messages), add_special=False)
+        return self.model.chat_ids(messages, parse_special)
 
     def stream(
         self,
@@ -200,6 +203,7 @@ class Reasoner:
         strategy: str = "best",
         prune: Pruner | None = None,
         should_stop: Callable[[], bool] | None = None,
+        parse_special: bool = True,
     ) -> Iterator[Event]:
         """Like :meth:`solve`, yielding progress events; the last one (kind ``done``) has ``.result``."""
         n_seq = resolve_n(mode, n)
@@ -210,7 +214,7 @@ class Reasoner:
         if strategy == "prune" and prune is None:
             prune = PruneRule()
         params = SamplingParams(temperature, top_p, repetition_penalty, 64, seed, max_new_tokens, tuple(stop))
-        ids = self.prompt_ids(prompt, raw)
+        ids = self.prompt_ids(prompt, raw, parse_special)
         stats = Stats()
         for event in self.engine.generate(ids, n_seq, params, prune=prune, should_stop=should_stop, stats=stats):
             if event.kind != "done":
