@@ -749,4 +749,9 @@ def serve(
     bound = sock.getsockname()[1]
     url = f"http://[{host}]:{bound}" if ":" in host else f"http://{host}:{bound}"
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
-    _Uvicorn(config, app.state.worker, url).run(sockets=[sock])
+    try:
+        _Uvicorn(config, app.state.worker, url).run(sockets=[sock])
+    finally:
+        # A second Ctrl-C skips the app's shutdown: the worker must still be done with the
+        # reasoner before the caller frees it.
+        app.state.worker.stop()
