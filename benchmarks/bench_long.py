@@ -163,6 +163,7 @@ def _child(variant: str, n: int, args) -> dict:
 
 
 def summarise(runs: dict[str, list[dict]], auto: str) -> dict:
+    runs = {v: rs for v, rs in runs.items() if rs}  # a run stopped early keeps what it measured
     med = {v: statistics.median(r["tokens_per_s"] for r in rs) for v, rs in runs.items()}
     out = {v: {"tokens_per_s": round(med[v], 2),
                "tokens_per_s_runs": [round(r["tokens_per_s"], 2) for r in rs],
@@ -171,15 +172,17 @@ def summarise(runs: dict[str, list[dict]], auto: str) -> dict:
                "peak_rss_mib": max(r["peak_rss_mib"] for r in rs),
                "kv_layout": rs[0]["kv_layout"], "n_ctx": rs[0]["n_ctx"]}
            for v, rs in runs.items()}
-    raw_best = max(med["raw-unified"], med["raw-streams"])
-    ratios = {"auto_vs_faster_raw": med[f"reflective-{auto}"] / raw_best,
-              "auto_vs_reflective_unified": med[f"reflective-{auto}"] / med["reflective-unified"],
-              "streams_vs_unified_raw": med["raw-streams"] / med["raw-unified"],
-              "reflective_vs_raw_unified": med["reflective-unified"] / med["raw-unified"],
-              "reflective_vs_raw_streams": med["reflective-streams"] / med["raw-streams"]}
-    same = all(r["first_tokens"] == runs["raw-unified"][0]["first_tokens"] for rs in runs.values() for r in rs[:1])
-    return {"auto_layout": auto, "variants": out, "ratios": {k: round(v, 3) for k, v in ratios.items()},
-            "checks": {"same_first_tokens_every_variant": same}}
+    pairs = {"auto_vs_faster_raw": (f"reflective-{auto}", "raw-best"),
+             "auto_vs_reflective_unified": (f"reflective-{auto}", "reflective-unified"),
+             "streams_vs_unified_raw": ("raw-streams", "raw-unified"),
+             "reflective_vs_raw_unified": ("reflective-unified", "raw-unified"),
+             "reflective_vs_raw_streams": ("reflective-streams", "raw-streams")}
+    if "raw-unified" in med and "raw-streams" in med:
+        med["raw-best"] = max(med["raw-unified"], med["raw-streams"])
+    ratios = {k: round(med[a] / med[b], 3) for k, (a, b) in pairs.items() if a in med and b in med}
+    first = [r["first_tokens"] for rs in runs.values() for r in rs[:1]]
+    return {"auto_layout": auto, "variants": out, "ratios": ratios,
+            "checks": {"same_first_tokens_every_variant": all(f == first[0] for f in first)}}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -212,12 +215,12 @@ def main(argv: list[str] | None = None) -> None:
                 runs[v].append(_child(v, n, args))
                 print(f"N={n} run {k + 1}/{args.runs} {v}: {runs[v][-1]['tokens_per_s']:.1f} tok/s "
                       f"({runs[v][-1]['kv_layout']})", file=sys.stderr, flush=True)
-        auto = auto_layout(runs["raw-unified"][0]["prompt_tokens"], n, args.new_tokens)
-        result["by_n"][str(n)] = summarise(runs, auto)
+                auto = auto_layout(runs[v][-1]["prompt_tokens"], n, args.new_tokens)
+                result["by_n"][str(n)] = summarise(runs, auto)
+                if args.json:  # after every run, so a long benchmark keeps what it measured
+                    with atomic_write(args.json) as f:
+                        f.write(json.dumps(result, indent=1) + "\n")
         print(json.dumps(result["by_n"][str(n)]["ratios"]), file=sys.stderr, flush=True)
-        if args.json:  # after every N, so a long run keeps what it measured
-            with atomic_write(args.json) as f:
-                f.write(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

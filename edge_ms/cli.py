@@ -208,24 +208,28 @@ def convert_cmd(hf_dir, out_dir, quant, force) -> None:
 @main.command("serve")
 @device_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
-@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--port", type=int, default=8080, show_default=True, help="Port (0: any free one; the log says which).")
 @click.option("--api-key", default=None, envvar="EDGE_MS_API_KEY",
               help="Require 'Authorization: Bearer KEY' on /v1 requests (env: EDGE_MS_API_KEY).")
 @click.option("--queue-size", type=int, default=16, show_default=True,
               help="Requests that may wait while one runs; more are answered 429.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True,
+              help="Another name clients may use in Host (repeatable; '*': any). Default: loopback names and --host.")
+@click.option("--cors-origin", "cors_origins", multiple=True,
+              help="A web origin whose pages may use the API, e.g. http://localhost:3000 (repeatable; '*': any).")
 @_one_line_errors
 def serve_cmd(model, quant, head, threads, n_gpu_layers, kv_type, extra_bufts, memory, host, port, api_key,
-              queue_size) -> None:
+              queue_size, allowed_hosts, cors_origins) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health) on one loaded model."""
-    from edge_ms.server import serve
+    from edge_ms.server import LOOPBACK_NAMES, check_settings, serve
 
-    if queue_size < 1:
-        raise EdgeMSError(f"--queue-size {queue_size}: must be at least 1")
+    check_settings(queue_size=queue_size, api_key=api_key, port=port)
     reasoner = _load_reasoner(model, quant, head, threads, n_gpu_layers, kv_type, extra_bufts, memory)
-    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+    if api_key is None and host not in LOOPBACK_NAMES:
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
     try:
-        serve(reasoner, host=host, port=port, api_key=api_key, queue_size=queue_size)
+        serve(reasoner, host=host, port=port, api_key=api_key, queue_size=queue_size,
+              allowed_hosts=allowed_hosts, cors_origins=cors_origins)
     finally:
         reasoner.close()
 

@@ -7,6 +7,8 @@ import functools
 import hashlib
 import logging
 import os
+import re
+import secrets
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -22,6 +24,8 @@ log = logging.getLogger(__name__)
 
 # llama.cpp's ggml type for each KV-cache type edge_ms offers.
 KV_TYPES = {name: getattr(llama_cpp, f"GGML_TYPE_{name.upper()}") for name in KV_BYTES_PER_VALUE}
+# Tokens llama.cpp cuts out of text whole when it parses special tokens (llama_vocab's special cache).
+_SPECIAL_ATTRS = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,64 @@ class Model:
             buf = (llama_cpp.llama_token * cap)()
             n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
         return list(buf[:n])
+
+    @cached_property
+    def special_tokens(self) -> dict[str, int]:
+        """Text -> id of every token that special parsing makes of its text (control, added, unknown)."""
+        found: dict[str, int] = {}
+        for token in range(self.n_vocab):
+            if llama_cpp.llama_vocab_get_attr(self.vocab, token) & _SPECIAL_ATTRS:
+                found.setdefault(self.token_text(token), token)
+        found.pop("", None)
+        return found
+
+    @cached_property
+    def _special_re(self) -> re.Pattern | None:
+        # Longest first, so that of two texts starting at the same place the whole one is found.
+        texts = sorted((t for t in self.special_tokens if len(t) > 1), key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, texts))) if texts else None
+
+    def text_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` as plain text, even where it spells a special token."""
+        if self._special_re is None:
+            return self.tokenize(text, parse_special=False)
+        ids, start = [], 0
+        for m in self._special_re.finditer(text):
+            # llama.cpp matches added (user-defined) tokens even without special parsing: no piece
+            # tokenized here may hold the whole text of one.
+            ids += self.tokenize(text[start : m.start()], parse_special=False)
+            ids += self.tokenize(m.group()[0], parse_special=False) + self.text_ids(m.group()[1:])
+            start = m.end()
+        return ids + self.tokenize(text[start:], parse_special=False)
+
+    def chat_ids(self, messages: list[dict[str, str]], parse_special: bool = True) -> list[int]:
+        """Token ids of ``messages`` through the chat template.
+
+        ``parse_special=True`` is transformers' behaviour: special-token text anywhere, message contents
+        included, becomes that token. With ``False`` the contents stay text, for messages from people
+        who must not be able to write control tokens (and so other roles' turns), such as the server's.
+        """
+        if parse_special or self._special_re is None:
+            return self.tokenize(self.apply_chat_template(messages))
+        # Special-token text in a content becomes a placeholder the template passes through; the
+        # rendered prompt is cut at the placeholders, so only the template's own text is parsed.
+        # Ordinary contents render exactly as with parse_special=True.
+        mark = f"\ue000{secrets.randbelow(10**12)}:"
+        hidden: list[str] = []
+
+        def hide(m: re.Match) -> str:
+            hidden.append(m.group())
+            return f"{mark}{len(hidden) - 1}\ue001"
+
+        masked = [
+            {**msg, "content": self._special_re.sub(hide, msg["content"])} if isinstance(msg.get("content"), str) else msg
+            for msg in messages
+        ]
+        parts = re.split(f"{re.escape(mark)}(\\d+)\ue001", self.apply_chat_template(masked))
+        ids: list[int] = []
+        for i, part in enumerate(parts):
+            ids += self.text_ids(hidden[int(part)]) if i % 2 else self.tokenize(part)
+        return ids
 
     def piece(self, token: int, special: bool = False) -> bytes:
         """The bytes of one token (a multi-byte character may span several tokens)."""

@@ -131,8 +131,11 @@ class Reasoner:
         self.engine.close()
         self.model.close()
 
-    def prompt_ids(self, prompt: str | list[dict[str, str]], raw: bool = False) -> list[int]:
-        """Token ids of the prompt, through the model's chat template unless ``raw``."""
+    def prompt_ids(self, prompt: str | list[dict[str, str]], raw: bool = False, parse_special: bool = True) -> list[int]:
+        """Token ids of the prompt, through the model's chat template unless ``raw``.
+
+        ``parse_special=False`` keeps special-token text in message contents text (``Model.chat_ids``).
+        """
         if raw:
             if not isinstance(prompt, str):
                 raise EdgeMSError("a raw prompt must be a string")
@@ -140,7 +143,7 @@ class Reasoner:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         if not messages:
             raise EdgeMSError("empty message list")
-        return self.model.tokenize(self.model.apply_chat_template(messages), add_special=False)
+        return self.model.chat_ids(messages, parse_special)
 
     def stream(
         self,
@@ -159,6 +162,7 @@ class Reasoner:
         prune: Pruner | None = None,
         should_stop: Callable[[], bool] | None = None,
         kv_layout: str = "auto",
+        parse_special: bool = True,
     ) -> Iterator[Event | Done]:
         """Like :meth:`solve`, yielding the engine's progress events, then one :class:`Done`."""
         n_seq = resolve_n(mode, n)
@@ -170,7 +174,7 @@ class Reasoner:
             prune = PruneRule()
         params = SamplingParams(temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
                                 seed=seed, max_new_tokens=max_new_tokens, stop=tuple(stop))
-        ids = self.prompt_ids(prompt, raw)
+        ids = self.prompt_ids(prompt, raw, parse_special)
         stats = Stats()
         for event in self.engine.generate(ids, n_seq, params, prune=prune, should_stop=should_stop, stats=stats,
                                           kv_layout=kv_layout):
