@@ -515,27 +515,18 @@ def sse_lines(url: str, body: dict) -> tuple[int, list[str]]:
 
 
 @pytest.mark.parametrize("kind", ["shape", "nan"])
-def test_a_broken_head_gets_json_not_a_crash(converted, tmp_path, kind):
-    server = Server(broken_head(converted("tiny-qwen2", "f32"), tmp_path, kind))
+def test_a_broken_head_is_refused_before_serving(converted, tmp_path, kind):
+    # A head that gives 3 scores per row, or NaN: refused when the server loads it, with one
+    # line, rather than failing on the first request (the head loader probes the graph).
+    model_dir = broken_head(converted("tiny-qwen2", "f32"), tmp_path, kind)
+    proc = cli("serve", "--model", str(model_dir), env={**os.environ})
     try:
-        url = f"{server.url}/v1/chat/completions"
-        body = dict(messages=QUESTION, reasoning_effort="low", max_tokens=64, temperature=0)
-        r = httpx.post(url, json=body, timeout=120)
-        if kind == "shape":
-            e = error_of(r)
-            assert r.status_code == 500 and e["type"] == "server_error", e
-        else:  # the generation stands; the scores the head could not give are null
-            assert r.status_code == 200, r.text
-            assert all(c["score"] is None for c in r.json()["edge_ms"]["candidates"])
-        status, lines = sse_lines(url, {**body, "stream": True})
-        assert lines[-1] == "data: [DONE]" or (status == 500 and set(strict_json(lines[0])) == {"error"}), lines
-        for ln in lines[:-1]:
-            strict_json(ln.removeprefix("data: "))  # every event is valid JSON (no NaN)
-        # and the server keeps serving
-        r = httpx.post(url, json={**body, "max_tokens": 1}, timeout=60)
-        assert r.status_code in (200, 500) and r.json()
-    finally:
-        server.stop()
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"edge-ms serve started with a broken head: {proc.communicate()}")
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and ".sprm.onnx" in lines[0], err
 
 
 def test_message_text_never_becomes_a_control_token(server, converted):
@@ -611,6 +602,8 @@ def test_shutdown_answers_every_request_in_flight(converted):
     status, lines = replies["stream"]
     assert status == 200 and lines[-1] == "data: [DONE]", lines[-3:]
     assert "shutting down" in strict_json(lines[-2].removeprefix("data: "))["error"]["message"]
-    assert exit_s < 3, f"exit took {exit_s:.1f} s"
+    # Prompt on an idle machine (0.5 s; the old code waited out its 5 s graceful timeout); the
+    # bound only guards against a hang, timing is not what this test measures.
+    assert exit_s < 20, f"exit took {exit_s:.1f} s"
     assert proc.returncode == 130 and err.rstrip().endswith("interrupted"), err
     assert "Traceback" not in err and "CancelledError" not in err, err
