@@ -5,7 +5,9 @@ inference. On disk it is an ONNX graph ``hidden_states [n, c] -> Gemm -> Relu ->
 -> step_score [n]`` whose initializers keep the torch state-dict names (``0.weight``, ``0.bias``,
 ``3.weight``, ``3.bias``), so training can read them back unchanged. Everything the runtime must
 know to use the head (which layer to tap, which tokens delimit steps, which backbone it belongs to)
-travels in ``metadata_props`` under the ``edge_ms.`` prefix.
+travels in ``metadata_props`` under the ``edge_ms.`` prefix. A head may also carry a calibration
+of its trajectory scores (``edge_ms.calibration``, optional: heads without one load as before, and
+edge_ms versions that predate it ignore it).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from edge_ms.calibrate import Calibration
 from edge_ms.errors import fail
 
 __all__ = ["FORMAT_VERSION", "Head", "HeadSpec", "load_head", "write_head"]
@@ -48,6 +51,7 @@ _REQUIRED_META = (
     "think_end_id",
     "backbone_fingerprint",
 )
+_OPTIONAL_META = ("calibration",)
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,8 @@ class HeadSpec:
     think_end_id: int | None
     backbone_fingerprint: str
     format_version: int = FORMAT_VERSION
+    # Trajectory score -> probability that the answer is right (edge_ms.calibrate); None: uncalibrated.
+    calibration: Calibration | None = None
 
 
 @dataclass
@@ -87,6 +93,18 @@ class Head:
         """The four parameters under their torch state-dict names, float32 (read from the file)."""
         model = _load_proto(self.path)
         return _initializers(model, self.path)
+
+    def provenance(self) -> dict[str, str]:
+        """The free-form ``edge_ms.*`` metadata (what ``write_head``'s ``provenance`` wrote), read from the file."""
+        model = _load_proto(self.path)
+        spec_keys = {_META + k for k in (*_REQUIRED_META, *_OPTIONAL_META)}
+        return {p.key[len(_META):]: p.value for p in model.metadata_props
+                if p.key.startswith(_META) and p.key not in spec_keys}
+
+    def confidence(self, score: float) -> float | None:
+        """The calibrated confidence of a trajectory score, or None when the head has no calibration."""
+        cal = self.spec.calibration
+        return None if cal is None else cal(score)
 
 
 def write_head(
@@ -170,6 +188,8 @@ def _check_spec(path: Path, spec: HeadSpec) -> None:
             raise fail(path, f"{key} must be a token id or None, got {value!r}")
     if not isinstance(spec.backbone_fingerprint, str):
         raise fail(path, f"backbone_fingerprint must be a string, got {spec.backbone_fingerprint!r}")
+    if spec.calibration is not None and not isinstance(spec.calibration, Calibration):
+        raise fail(path, f"calibration must be an edge_ms.calibrate.Calibration or None, got {spec.calibration!r}")
 
 
 def _is_int(value: object) -> bool:
@@ -237,8 +257,10 @@ def _build_model(
         "think_end_id": json.dumps(None if spec.think_end_id is None else int(spec.think_end_id)),
         "backbone_fingerprint": spec.backbone_fingerprint,
     }
+    if spec.calibration is not None:
+        meta["calibration"] = spec.calibration.to_json()
     for key, value in provenance.items():
-        if key in meta:
+        if key in meta or key in _OPTIONAL_META:
             raise ValueError(f"provenance key {key!r} would overwrite the head spec")
         meta[key] = str(value)
     helper.set_model_props(model, {_META + k: v for k, v in meta.items()})
@@ -284,6 +306,12 @@ def _read_spec(model: onnx.ModelProto, path: Path) -> HeadSpec:
     hidden_size = parse("hidden_size", "int")
     if hidden_size == 0:
         raise fail(path, "metadata edge_ms.hidden_size is 0")
+    calibration = None
+    if "calibration" in meta:
+        try:
+            calibration = Calibration.from_json(meta["calibration"])
+        except ValueError as err:
+            raise fail(path, f"metadata {_META}calibration: {err}") from None
     return HeadSpec(
         layer=parse("layer", "int"),
         hidden_size=hidden_size,
@@ -292,6 +320,7 @@ def _read_spec(model: onnx.ModelProto, path: Path) -> HeadSpec:
         think_end_id=parse("think_end_id", "id_or_null"),
         backbone_fingerprint=meta["backbone_fingerprint"],
         format_version=version,
+        calibration=calibration,
     )
 
 
