@@ -41,6 +41,7 @@ TABLE_POINTS = 32  # the most points fit_isotonic keeps: a small table
 MAX_JSON_CHARS = 64 * 1024
 _MAX_PARAM = 1e4  # |a|, |b|: far beyond any useful slope or offset on logits within +-23
 _MAX_Z = 50.0  # table knots: the clipped logits lie within +-23
+ISOTONIC_MARGIN = 1e-3  # out-of-fold log-loss (nats per trajectory) a table must gain over platt
 P_MIN = 1e-3  # isotonic tables stay within [P_MIN, 1 - P_MIN]: no absolute certainty from a few samples
 
 
@@ -195,9 +196,10 @@ def _clip_param(v: float) -> float:
 def fit_isotonic(z: np.ndarray, y: np.ndarray, max_points: int = TABLE_POINTS) -> Calibration:
     """Isotonic regression (pool adjacent violators) of ``y`` on ``z``, kept to ``max_points`` points.
 
-    Each pooled block becomes one point (its mean z, its share of right answers clipped to
-    [P_MIN, 1 - P_MIN]); beyond ``max_points`` neighbouring blocks are pooled again, which
-    keeps the table monotone.
+    Each pooled block becomes one point: its mean z and its share of right answers with one
+    right and one wrong added (Laplace), so that a block of twelve wrong answers reads 1/14,
+    not certainty; a running maximum keeps the smoothed shares monotone. Beyond
+    ``max_points`` neighbouring blocks are pooled again, which keeps the table monotone too.
     """
     z, y = np.asarray(z, np.float64), np.asarray(y, np.float64)
     _, inv = np.unique(np.clip(z, -_MAX_Z, _MAX_Z), return_inverse=True)
@@ -213,7 +215,7 @@ def fit_isotonic(z: np.ndarray, y: np.ndarray, max_points: int = TABLE_POINTS) -
     if len(arr) > max_points:
         arr = np.array([g.sum(axis=0) for g in np.array_split(arr, max_points)])
     zs = np.clip(arr[:, 1] / arr[:, 0], -_MAX_Z, _MAX_Z)
-    ps = np.maximum.accumulate(np.clip(arr[:, 2] / arr[:, 0], P_MIN, 1 - P_MIN))
+    ps = np.maximum.accumulate(np.clip((arr[:, 2] + 1) / (arr[:, 0] + 2), P_MIN, 1 - P_MIN))
     return Calibration("isotonic", z=tuple(float(v) for v in zs), p=tuple(float(v) for v in ps))
 
 
@@ -287,8 +289,8 @@ def fit(scores: Sequence[float], labels: Sequence[bool], groups: Sequence[int] |
     """Fit a calibration of trajectory ``scores`` to ``labels`` (right or not).
 
     ``groups``: the problem of each trajectory (default: each its own). ``method`` "auto"
-    keeps whichever of platt and isotonic has the lower out-of-fold log-loss (platt on a tie
-    or with fewer than ``folds`` problems, as it needs less data).
+    keeps platt unless isotonic's out-of-fold log-loss is lower by more than ``ISOTONIC_MARGIN``
+    (a table must earn its extra numbers); with fewer than 2 problems it keeps platt.
     """
     if method not in ("auto", *METHODS):
         raise EdgeMSError(f"--method {method}: unknown (choose from auto, {', '.join(METHODS)})")
@@ -308,8 +310,10 @@ def fit(scores: Sequence[float], labels: Sequence[bool], groups: Sequence[int] |
                 pred[held] = _fit_one(m, z[~held], y[~held]).apply_logits(z[held])
             cv[m] = {"log_loss": log_loss(pred, y), "ece_10_bins": ece(pred, y)}
         oof[m] = pred
-    chosen = method if method != "auto" else (
-        min(METHODS, key=lambda m: (cv[m]["log_loss"], m != "platt")) if cv else "platt")
+    chosen = method
+    if method == "auto":
+        better = cv and cv["isotonic"]["log_loss"] < cv["platt"]["log_loss"] - ISOTONIC_MARGIN
+        chosen = "isotonic" if better else "platt"
     cal = _fit_one(chosen, z, y)
     conf = cal.apply_logits(z)
     return FitReport(cal, len(z), len(np.unique(g)), int(y.sum()), cv, ece(conf, y),
@@ -338,15 +342,18 @@ def plot_reliability(conf, labels, path: str | os.PathLike, title: str = "", bin
            color="tab:blue", alpha=0.35, label="share right per bin")
     ax.plot([r["confidence"] for r in used], [r["accuracy"] for r in used], "o-", color="tab:blue",
             label="share right vs mean confidence")
+    for r in used:
+        ax.annotate(f"n={r['count']}", ((r["lo"] + r["hi"]) / 2, r["accuracy"]), textcoords="offset points",
+                    xytext=(0, 6), ha="center", fontsize="x-small")
     ax.set_ylabel("share of answers right")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize="small")
-    ax.set_title(title or f"reliability, ECE {ece(conf, labels, bins):.3f} ({bins} bins)", fontsize="medium")
+    ax.set_title(title or f"reliability, ECE {ece(conf, labels, bins):.3f}", fontsize="medium")
     hist.bar([(r["lo"] + r["hi"]) / 2 for r in rows], [r["count"] for r in rows], width=1 / bins * 0.9,
              color="0.5")
-    hist.set_xlabel("calibrated confidence")
+    hist.set_xlabel(f"calibrated confidence ({bins} bins)")
     hist.set_ylabel("trajectories")
     fig.tight_layout()
     try:
