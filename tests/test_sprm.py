@@ -157,3 +157,25 @@ def test_unreadable_cache_file_is_resampled_not_fatal(converted, tmp_path):
         engine.model.close()
     assert [s.text for s in again] == [s.text for s in first]
     assert np.load(path)["rows_0"].shape == first[0].rows.shape  # rewritten whole
+
+
+def test_cached_samples_are_labelled_against_the_answers_asked_now(converted, tmp_path):
+    """The cache is keyed by prompt; a task file whose answers changed must not reuse old labels."""
+    from edge_ms.sprm import Sample, _cache_path, request, sample, save_samples
+    from edge_ms.tasks import Problem
+
+    engine = _engine(converted)
+    try:
+        prob = Problem("What is 2 + 2?", "4")
+        ids, params = request(engine.model, prob, 0, seed=1, max_new_tokens=20, temperature=0.7)
+        path = _cache_path(tmp_path, engine, ids, 1, params)
+        # As if an earlier run (with answer "4") had sampled and labelled this trajectory.
+        save_samples(path, [Sample(0, "2 + 2 = 4.\n\nThe answer is 4.", "stop", True, "4",
+                                   np.zeros((1, engine.model.n_embd), np.float32), 12)])
+        same = sample(engine, [prob], 1, seed=1, max_new_tokens=20, cache=tmp_path)
+        fixed = sample(engine, [Problem("What is 2 + 2?", "5")], 1, seed=1, max_new_tokens=20, cache=tmp_path)
+    finally:
+        engine.close()
+        engine.model.close()
+    assert [s.text for s in same] == [s.text for s in fixed] == ["2 + 2 = 4.\n\nThe answer is 4."]  # from the cache
+    assert same[0].correct and not fixed[0].correct
