@@ -5,8 +5,9 @@ inference. On disk it is an ONNX graph ``hidden_states [n, c] -> Gemm -> Relu ->
 -> step_score [n]`` whose initializers keep the torch state-dict names (``0.weight``, ``0.bias``,
 ``3.weight``, ``3.bias``), so training can read them back unchanged. Everything the runtime must
 know to use the head (which layer to tap, which tokens delimit steps, which backbone it belongs to)
-travels in ``metadata_props`` under the ``edge_ms.`` prefix. docs/method.md (section 5) describes
-the format.
+travels in ``metadata_props`` under the ``edge_ms.`` prefix. A head may also carry a calibration
+of its trajectory scores (``edge_ms.calibration``, optional: heads without one load as before, and
+edge_ms versions that predate it ignore it). docs/method.md (section 5) describes the format.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_ms.atomic import write_bytes
+from edge_ms.calibrate import Calibration
 from edge_ms.errors import fail
 from edge_ms.readfile import read_capped
 
@@ -69,6 +71,7 @@ _REQUIRED_META = (
     "think_end_id",
     "backbone_fingerprint",
 )
+_OPTIONAL_META = ("calibration",)
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,8 @@ class HeadSpec:
     think_end_id: int | None
     backbone_fingerprint: str
     format_version: int = FORMAT_VERSION
+    # Trajectory score -> probability that the answer is right (edge_ms.calibrate); None: uncalibrated.
+    calibration: Calibration | None = None
 
 
 @dataclass
@@ -109,6 +114,18 @@ class Head:
         """The four parameters under their torch state-dict names, float32 (read from the file)."""
         model = _load_proto(self.path)
         return _initializers(model, self.path, self.spec.hidden_size)
+
+    def provenance(self) -> dict[str, str]:
+        """The free-form ``edge_ms.*`` metadata (what ``write_head``'s ``provenance`` wrote), read from the file."""
+        model = _load_proto(self.path)
+        spec_keys = {_META + k for k in (*_REQUIRED_META, *_OPTIONAL_META)}
+        return {p.key[len(_META):]: p.value for p in model.metadata_props
+                if p.key.startswith(_META) and p.key not in spec_keys}
+
+    def confidence(self, score: float) -> float | None:
+        """The calibrated confidence of a trajectory score, or None when the head has no calibration."""
+        cal = self.spec.calibration
+        return None if cal is None else cal(score)
 
 
 def write_head(
@@ -194,6 +211,8 @@ def _check_spec(path: Path, spec: HeadSpec) -> None:
             raise fail(path, f"{key} must be a token id or None, got {value!r}")
     if not isinstance(spec.backbone_fingerprint, str):
         raise fail(path, f"backbone_fingerprint must be a string, got {spec.backbone_fingerprint!r}")
+    if spec.calibration is not None and not isinstance(spec.calibration, Calibration):
+        raise fail(path, f"calibration must be an edge_ms.calibrate.Calibration or None, got {spec.calibration!r}")
 
 
 def _is_int(value: object) -> bool:
@@ -262,8 +281,10 @@ def _build_model(
         "think_end_id": json.dumps(None if spec.think_end_id is None else int(spec.think_end_id)),
         "backbone_fingerprint": spec.backbone_fingerprint,
     }
+    if spec.calibration is not None:
+        meta["calibration"] = spec.calibration.to_json()
     for key, value in provenance.items():
-        if key in meta:
+        if key in meta or key in _OPTIONAL_META:
             raise ValueError(f"provenance key {key!r} would overwrite the head spec")
         meta[key] = str(value)
     helper.set_model_props(model, {_META + k: v for k, v in meta.items()})
@@ -308,6 +329,12 @@ def _read_spec(model: onnx.ModelProto, path: Path) -> HeadSpec:
     hidden_size = parse("hidden_size", "int")
     if not 0 < hidden_size <= MAX_HIDDEN_SIZE:
         raise fail(path, f"metadata edge_ms.hidden_size is {hidden_size}, not a width in 1..{MAX_HIDDEN_SIZE}")
+    calibration = None
+    if "calibration" in meta:
+        try:
+            calibration = Calibration.from_json(meta["calibration"])
+        except ValueError as err:
+            raise fail(path, f"metadata {_META}calibration: {err}") from None
     return HeadSpec(
         layer=parse("layer", "int"),
         hidden_size=hidden_size,
@@ -316,6 +343,7 @@ def _read_spec(model: onnx.ModelProto, path: Path) -> HeadSpec:
         think_end_id=parse("think_end_id", "id_or_null"),
         backbone_fingerprint=meta["backbone_fingerprint"],
         format_version=version,
+        calibration=calibration,
     )
 
 

@@ -15,7 +15,7 @@ from edge_ms.model import DeviceSettings, Model
 from edge_ms.modes import resolve_n
 from edge_ms.plan import DEFAULT_BUDGET_FRACTION, available_memory
 from edge_ms.sampling import SamplingParams
-from edge_ms.select import STRATEGIES, PruneRule, select
+from edge_ms.select import STRATEGIES, AnswerMass, PruneRule, answer_masses, select
 from edge_ms.store import locate
 
 
@@ -33,6 +33,7 @@ class Candidate:
     reasoning: str = ""
     answer: str = ""
     answer_key: str | None = None  # normalised final answer, for voting
+    confidence: float | None = None  # calibrated P(answer right); None when the head has no calibration
 
     def to_json(self) -> dict:
         return {
@@ -40,7 +41,8 @@ class Candidate:
             "token_ids": self.token_ids,
             "step_positions": self.step_positions,
             "step_scores": self.step_scores,
-            "score": self.score,
+            "score": self.score,  # the raw geometric mean of the step scores
+            "confidence": self.confidence,
             "finish_reason": self.finish_reason,
         }
 
@@ -64,10 +66,16 @@ class Result:
     strategy: str = "best"
     seed: int = 0
     stats: Stats = field(default_factory=Stats)
+    answers: list[AnswerMass] = field(default_factory=list)  # each distinct answer's mass (select.answer_masses)
 
     @property
     def best(self) -> Candidate:
         return self.candidates[self.selected]
+
+    @property
+    def confidence(self) -> float | None:
+        """The calibrated confidence of the selected trajectory's answer; None without a calibration."""
+        return self.best.confidence if self.candidates else None
 
     def to_json(self) -> dict:
         return {
@@ -78,6 +86,8 @@ class Result:
             "strategy": self.strategy,
             "seed": self.seed,
             "prompt_token_ids": self.prompt_token_ids,
+            "confidence": self.confidence,
+            "answers": [asdict(a) for a in self.answers],
             "candidates": [c.to_json() for c in self.candidates],
             "stats": asdict(self.stats),
         }
@@ -185,7 +195,8 @@ class Reasoner:
             # No candidates: cancelled during the prompt.
             chosen = select(cands, strategy) if cands else -1
             yield Done(Result(mode=mode, n=n_seq, selected=chosen, answer=cands[chosen].answer if cands else "",
-                              prompt_token_ids=ids, candidates=cands, strategy=strategy, seed=seed, stats=stats))
+                              prompt_token_ids=ids, candidates=cands, strategy=strategy, seed=seed, stats=stats,
+                              answers=answer_masses(cands)))
 
     def solve(self, prompt: str | list[dict[str, str]], mode: str = "medium", n: int | None = None,
               on_event: Callable[[Event], None] | None = None, **kwargs) -> Result:
@@ -205,4 +216,5 @@ class Reasoner:
             index=traj.index, text=text, token_ids=list(traj.tokens), step_positions=positions,
             step_scores=scores, score=traj.score(), finish_reason=traj.finish_reason,
             reasoning=reasoning, answer=answer, answer_key=extract_answer(answer or text),
+            confidence=self.head.confidence(traj.score()),
         )

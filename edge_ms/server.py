@@ -402,7 +402,8 @@ def _extension(result: Result) -> dict:
     cands = [
         dict(
             index=c.index,
-            score=_number_or_null(c.score),
+            score=_number_or_null(c.score),  # the raw geometric mean of the step scores
+            confidence=c.confidence,  # calibrated P(answer right); None when the head has no calibration
             step_scores=[_number_or_null(x) for x in c.step_scores],
             finish_reason=c.finish_reason,
             completion_tokens=len(c.token_ids),
@@ -416,6 +417,8 @@ def _extension(result: Result) -> dict:
         reasoning_effort=result.mode,
         seed=result.seed,
         strategy=result.strategy,
+        confidence=result.confidence,
+        answers=[asdict(a) for a in result.answers],
         candidates=cands,
         timings=timings,
     )

@@ -34,6 +34,22 @@ def converted(tmp_path_factory):
     return get
 
 
+@pytest.fixture
+def calibrated_head(converted, tmp_path):
+    """``calibrated_head(calibration)`` -> the tiny-qwen2 fixture head, same weights, with ``calibration``."""
+    from dataclasses import replace
+
+    from edge_ms.head import load_head, write_head
+
+    def get(calibration, name: str = "tiny-qwen2"):
+        head = load_head(converted(name, "f32") / f"{name}.sprm.onnx")
+        path = tmp_path / f"{name}-calibrated.sprm.onnx"
+        write_head(path, head.weights(), replace(head.spec, calibration=calibration))
+        return path
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def reference_json():
     def get(name: str = "tiny-qwen2") -> dict:

@@ -34,8 +34,8 @@ ERROR_KEYS = {"message", "type", "param", "code"}
 class Server:
     """``create_app`` served by a real uvicorn on a free loopback port, in a background thread."""
 
-    def __init__(self, model_dir, **kwargs) -> None:
-        self.reasoner = Reasoner.load(model_dir, settings=ONE_THREAD)
+    def __init__(self, model_dir, head=None, **kwargs) -> None:
+        self.reasoner = Reasoner.load(model_dir, head=head, settings=ONE_THREAD)
         app = create_app(self.reasoner, **kwargs)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
@@ -103,6 +103,8 @@ def test_plain_request_relays_the_reasoner(server, converted):
     for c in ext["candidates"]:
         assert 0 < c["completion_tokens"] <= 24 and c["finish_reason"] in ("stop", "length")
         assert all(0.0 <= s <= 1.0 for s in c["step_scores"])
+        assert c["confidence"] is None  # the converted head has no calibration
+    assert ext["confidence"] is None and isinstance(ext["answers"], list)
     # usage counts every trajectory, not only the selected one
     assert out.usage.completion_tokens == sum(c["completion_tokens"] for c in ext["candidates"])
     assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
@@ -118,6 +120,22 @@ def test_plain_request_relays_the_reasoner(server, converted):
     assert out.choices[0].message.content == res.answer
     assert (out.choices[0].message.reasoning_content or "") == res.best.reasoning
     assert out.choices[0].finish_reason == ("length" if res.best.finish_reason == "length" else "stop")
+
+
+def test_calibrated_head_reports_confidence(start_server, calibrated_head):
+    from edge_ms.calibrate import Calibration
+
+    cal = Calibration("platt", a=0.5, b=0.0)
+    server = start_server(head=calibrated_head(cal))
+    out = server.client().chat.completions.create(
+        model="tiny-qwen2-f32", messages=QUESTION, reasoning_effort="low", max_tokens=24, seed=3
+    )
+    ext = out.edge_ms
+    for c in ext["candidates"]:
+        assert c["confidence"] == pytest.approx(cal(c["score"]))  # the raw score stays beside it
+    assert ext["confidence"] == ext["candidates"][ext["selected"]]["confidence"]
+    for a in ext["answers"]:
+        assert 0.0 <= a["mass"] <= 1.0 and 1 <= a["count"] <= 2
 
 
 @pytest.mark.parametrize("effort", [None, *MODES])
