@@ -27,18 +27,21 @@ from __future__ import annotations
 
 import itertools
 import os
-import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 import numpy as np
 
+from edge_ms import gguf_export
+from edge_ms.atomic import atomic_path
+
 CACHE = Path(os.environ.get("EDGE_MS_BENCH_CACHE", Path.home() / ".cache" / "edge_ms" / "bench"))
-VERSION = 3  # bump when the generator changes what it writes
+VERSION = 4  # bump when the generator changes what it writes
 HEAD_VERSION = 2  # bump when the head or its delimiters change
 
-# R1-Distill-Qwen special ids (REFERENCE.md section 1).
+# R1-Distill-Qwen special ids (docs/method.md, section 2).
 EOS_ID, USER_ID, ASSISTANT_ID, BOS_ID, THINK_ID, END_THINK_ID = 151643, 151644, 151645, 151646, 151648, 151649
 SPECIALS = {
     EOS_ID: "<｜end▁of▁sentence｜>",
@@ -55,7 +58,7 @@ N_SPECIAL = 22  # 151643..151664 are added tokens in Qwen2; the rest up to 15193
 
 @dataclass(frozen=True)
 class Shape:
-    """MetaStone-S1-1.5B (REFERENCE.md section 1)."""
+    """MetaStone-S1-1.5B (docs/method.md, section 2)."""
 
     n_layer: int = 28
     hidden: int = 1536
@@ -88,7 +91,7 @@ OUTPUT_STD = 0.15
 DELIMITER_FRACTION = 0.03
 
 
-def _bytes_to_unicode() -> list[str]:
+def bytes_to_unicode() -> list[str]:
     """GPT-2's byte-level alphabet: the printable stand-in for each of the 256 bytes."""
     keep = (
         list(range(ord("!"), ord("~") + 1))
@@ -112,7 +115,7 @@ def synthetic_vocab(n_vocab: int = S1_1_5B.vocab) -> tuple[list[str], list[int],
     into bytes. The only merges join digit pairs: any text without digits tokenizes to one
     token per byte, which makes prompt lengths exact.
     """
-    alphabet = _bytes_to_unicode()
+    alphabet = bytes_to_unicode()
     letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
     pool = itertools.chain(
         alphabet,
@@ -201,31 +204,19 @@ def _random_blocks(rng: np.random.Generator, rows: int, cols: int, kind: str, st
 
 def _plan(shape: Shape, kind: str) -> list[tuple[str, tuple[int, int] | tuple[int], str, float]]:
     """(gguf name, numpy shape, storage, std) for every tensor, in llama.cpp's order."""
-    name = gguf.TENSOR_NAMES
-    t = gguf.MODEL_TENSOR
-    h, kv, f = shape.hidden, shape.kv_dim, shape.ffn
-    plan = [
-        (name[t.TOKEN_EMBD] + ".weight", (shape.vocab, h), kind, WEIGHT_STD),
-        (name[t.OUTPUT_NORM] + ".weight", (h,), "ones", 0.0),
-        # llama-quantize keeps the output matrix in higher precision; Q8_0 does that here.
-        (name[t.OUTPUT] + ".weight", (shape.vocab, h), "q8_0", OUTPUT_STD),
-    ]
-    for i in range(shape.n_layer):
-        layer = [
-            (t.ATTN_NORM, (h,), "ones", 0.0),
-            (t.ATTN_Q, (h, h), kind, WEIGHT_STD),
-            (t.ATTN_K, (kv, h), kind, WEIGHT_STD),
-            (t.ATTN_V, (kv, h), kind, WEIGHT_STD),
-            (t.ATTN_OUT, (h, h), kind, WEIGHT_STD),
-            (t.FFN_NORM, (h,), "ones", 0.0),
-            (t.FFN_GATE, (f, h), kind, WEIGHT_STD),
-            (t.FFN_UP, (f, h), kind, WEIGHT_STD),
-            (t.FFN_DOWN, (h, f), kind, WEIGHT_STD),
-        ]
-        plan += [(name[k].format(bid=i) + ".weight", s, st, sd) for k, s, st, sd in layer]
-        # Qwen2 has biases on q, k and v.
-        for k, n in ((t.ATTN_Q, h), (t.ATTN_K, kv), (t.ATTN_V, kv)):
-            plan.append((name[k].format(bid=i) + ".bias", (n,), "normal", WEIGHT_STD))
+    shapes = gguf_export.qwen2_tensor_shapes(
+        n_layer=shape.n_layer, n_embd=shape.hidden, n_head=shape.n_head, n_head_kv=shape.n_head_kv,
+        n_ff=shape.ffn, n_vocab=shape.vocab,
+    )
+    plan = []
+    for name, dims in shapes.items():
+        if len(dims) == 1:  # norms start at one; Qwen2's q, k and v biases are random
+            plan.append((name, dims, "ones", 0.0) if name.endswith("norm.weight") else (name, dims, "normal", WEIGHT_STD))
+        elif name == "output.weight":
+            # llama-quantize keeps the output matrix in higher precision; Q8_0 does that here.
+            plan.append((name, dims, "q8_0", OUTPUT_STD))
+        else:
+            plan.append((name, dims, kind, WEIGHT_STD))
     return plan
 
 
@@ -237,56 +228,63 @@ def _tensor(rng: np.random.Generator, shape: tuple[int, ...], storage: str, std:
     return _random_blocks(rng, shape[0], shape[1], storage, std)
 
 
+def write_raw_gguf(
+    path: Path,
+    name: str,
+    params: gguf_export.Qwen2Params,
+    vocab: gguf_export.Vocab,
+    file_type: gguf.LlamaFileType,
+    tensors: list[tuple[str, tuple[int, ...], str]],
+    arrays: Iterable[np.ndarray],
+    fingerprint: str | None = None,
+) -> None:
+    """A Qwen2 GGUF from ready-made data, whole or not at all, one tensor in memory at a time.
+
+    ``tensors`` are (gguf name, shape, ggml type name); ``arrays`` yields their data in that
+    order: float32 arrays of the shape for "F32", otherwise the raw blocks as uint8
+    [rows, cols // block * block_bytes].
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2])
+        try:
+            gguf_export.add_metadata(w, name, params, vocab, file_type, fingerprint)
+            for tname, dims, type_name in tensors:
+                if type_name == "F32":
+                    w.add_tensor_info(tname, dims, np.dtype(np.float32), 4 * int(np.prod(dims)))
+                else:
+                    qtype = gguf.GGMLQuantizationType[type_name]
+                    block, size = gguf.GGML_QUANT_SIZES[qtype]
+                    byte_shape = (dims[0], dims[1] // block * size)
+                    w.add_tensor_info(tname, byte_shape, np.dtype(np.uint8), byte_shape[0] * byte_shape[1], qtype)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            for data in arrays:
+                w.write_tensor_data(data)
+        finally:
+            w.close()
+
+
 def write_synthetic_gguf(path: Path, kind: str = "q4_0", shape: Shape = S1_1_5B, seed: int = 0) -> None:
     """Write the random model to ``path`` (whole or not at all); only one tensor is in memory at a time."""
     if kind not in WEIGHT_TYPES:
         raise ValueError(f"weights {kind!r}: choose from {', '.join(WEIGHT_TYPES)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2])
-    try:
-        w.add_name(f"synthetic MetaStone-S1-1.5B shape ({kind}, random weights)")
-        w.add_context_length(shape.context_length)
-        w.add_embedding_length(shape.hidden)
-        w.add_block_count(shape.n_layer)
-        w.add_feed_forward_length(shape.ffn)
-        w.add_head_count(shape.n_head)
-        w.add_head_count_kv(shape.n_head_kv)
-        w.add_rope_freq_base(shape.rope_theta)
-        w.add_layer_norm_rms_eps(shape.rms_eps)
-        w.add_file_type(FILE_TYPES[kind])
-        tokens, types, merges = synthetic_vocab(shape.vocab)
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("qwen2")
-        w.add_token_list(tokens)
-        w.add_token_types(types)
-        w.add_token_merges(merges)
-        w.add_bos_token_id(BOS_ID)
-        w.add_eos_token_id(EOS_ID)
-        w.add_pad_token_id(EOS_ID)
-        w.add_add_bos_token(True)
-
-        plan = _plan(shape, kind)
-        for name, shp, storage, _ in plan:
-            if storage in WEIGHT_TYPES:
-                qtype = WEIGHT_TYPES[storage]
-                block, size = gguf.GGML_QUANT_SIZES[qtype]
-                byte_shape = (shp[0], shp[1] // block * size)
-                w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), byte_shape[0] * byte_shape[1], qtype)
-            else:
-                w.add_tensor_info(name, shp, np.dtype(np.float32), int(np.prod(shp)) * 4)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        rng = np.random.default_rng(seed)
-        for _, shp, storage, std in plan:
-            w.write_tensor_data(_tensor(rng, shp, storage, std))
-        w.close()
-        os.replace(tmp, path)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    params = gguf_export.Qwen2Params(
+        n_layer=shape.n_layer, hidden_size=shape.hidden, n_head=shape.n_head, n_head_kv=shape.n_head_kv,
+        head_dim=shape.hidden // shape.n_head, ffn_size=shape.ffn, context_length=shape.context_length,
+        rope_theta=shape.rope_theta, rms_eps=shape.rms_eps, vocab_size=shape.vocab, tied_embeddings=False,
+    )
+    tokens, types, merges = synthetic_vocab(shape.vocab)
+    vocab = gguf_export.Vocab(tokens=tokens, types=types, merges=merges, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=EOS_ID,
+                              add_bos=True, chat_template=None, ids={})
+    plan = _plan(shape, kind)
+    tensors = [(name, shp, WEIGHT_TYPES[st].name if st in WEIGHT_TYPES else "F32") for name, shp, st, _ in plan]
+    rng = np.random.default_rng(seed)
+    write_raw_gguf(
+        path, f"synthetic MetaStone-S1-1.5B shape ({kind}, random weights)", params, vocab, FILE_TYPES[kind],
+        tensors, (_tensor(rng, shp, storage, std) for _, shp, storage, std in plan),
+    )
 
 
 def write_random_head(path: Path, model_path: Path, n_layer: int, hidden: int, seed: int = 0) -> None:

@@ -10,7 +10,9 @@ caches them (``--cache``, so an interrupted run resumes); it does not need the t
 only its spec. Phase 2 scores the cached steps with the head and reports, for N = 2, 8 and
 ``--n`` (smaller N from random subsets of each problem's samples): pass@1, SPRM best-of-N,
 majority vote, SPRM-weighted vote, random pick, oracle pass@N and the ROC AUC of trajectory
-scores. Phase 3 runs best-of-``--prune-n`` on the first ``--prune-problems`` problems twice,
+scores, and, when the head carries a calibration, the expected calibration error (10 bins) of
+the confidence ``edge-ms solve`` shows (the selected trajectory's, best-of-``--n``) and of every
+trajectory's, with reliability diagrams (``--reliability``). Phase 3 runs best-of-``--prune-n`` on the first ``--prune-problems`` problems twice,
 plain and with SPRM-guided pruning (same seeds), and compares tokens and accuracy.
 """
 
@@ -29,12 +31,14 @@ from pathlib import Path
 import numpy as np
 
 from edge_ms.answers import is_correct
+from edge_ms.atomic import write_text
+from edge_ms.calibrate import ece, plot_reliability
 from edge_ms.default_model import default_head_path, find_default_gguf
 from edge_ms.engine import Engine
 from edge_ms.head import load_head, write_head
 from edge_ms.model import Model
 from edge_ms.select import PruneRule, best_of_n
-from edge_ms.sprm import default_spec, evaluate, request, rescore, sample
+from edge_ms.sprm import best_indices, default_spec, evaluate, request, rescore, sample
 from edge_ms.tasks import make_problems
 from edge_ms.train import init_head
 
@@ -44,6 +48,27 @@ class _Pick:
 
     def __init__(self, traj, correct: bool) -> None:
         self.score, self.finish_reason, self.answer_key, self.correct = traj.score(), traj.finish_reason, None, correct
+
+
+def calibration_report(samples, calibration, n: int, plot: str | None) -> dict:
+    """ECE (10 bins) of the shown confidence, the selected trajectory's under best-of-``n``, and of all trajectories'."""
+    conf = calibration.apply([s.score for s in samples])
+    right = np.array([s.correct for s in samples], dtype=float)
+    chosen = best_indices(samples, n)
+    out = {"calibration": json.loads(calibration.to_json()),
+           "shown_best_of_n": {"n": n, "problems": len(chosen), "ece_10_bins": ece(conf[chosen], right[chosen]),
+                               "mean_confidence": float(conf[chosen].mean()), "accuracy": float(right[chosen].mean())},
+           "trajectories": {"count": len(samples), "ece_10_bins": ece(conf, right),
+                            "mean_confidence": float(conf.mean()), "accuracy": float(right.mean())}}
+    if plot:
+        sel = out["shown_best_of_n"]
+        plot_reliability(conf[chosen], right[chosen], plot, f"shown confidence, best-of-{n} on {len(chosen)} test "
+                         f"problems: ECE {sel['ece_10_bins']:.3f} (10 bins)")
+        every = str(Path(plot).with_suffix("")) + ".trajectories.png"
+        plot_reliability(conf, right, every, f"every trajectory ({len(samples)}): ECE "
+                         f"{out['trajectories']['ece_10_bins']:.3f} (10 bins)")
+        out["diagrams"] = [plot, every]
+    return out
 
 
 def main() -> None:
@@ -64,6 +89,9 @@ def main() -> None:
     ap.add_argument("--prune-keep", type=int, default=PruneRule.keep)
     ap.add_argument("--subsets", type=int, default=8, help="random subsets per problem for smaller N")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--reliability", default=None,
+                    help="reliability diagram of the shown confidence (PNG; every trajectory's beside it, "
+                         "*.trajectories.png); default: beside --json")
     args = ap.parse_args()
 
     gguf = find_default_gguf()
@@ -97,6 +125,9 @@ def main() -> None:
                     "finished_fraction": float(np.mean([s.finished for s in samples])), "by_n": {}}
     for n in sorted({k for k in (2, 8, args.n) if k <= args.n}):
         report["by_n"][str(n)] = evaluate(samples, n, seed=args.seed, subsets=args.subsets)
+    if head.spec.calibration is not None:
+        plot = args.reliability or (str(Path(args.json).with_suffix("")) + ".reliability.png" if args.json else None)
+        report["calibration"] = calibration_report(samples, head.spec.calibration, args.n, plot)
 
     # Phase 3: best-of-N with and without pruning, run live side by side on the same problems
     # with the same seeds (a trajectory is its twin until it is pruned).
@@ -132,7 +163,7 @@ def main() -> None:
     text = json.dumps(report, indent=1)
     print(text)
     if args.json:
-        Path(args.json).write_text(text + "\n")
+        write_text(args.json, text + "\n")
 
 
 if __name__ == "__main__":

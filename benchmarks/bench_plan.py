@@ -42,23 +42,6 @@ CONFIGS = [  # (n, max_new_tokens, kv_type, extra_bufts)
 PROMPT_WORDS = 60  # the synthetic vocabulary has no merges: two tokens a word
 
 
-def _bytes_to_unicode() -> list[str]:
-    # GPT-2's byte-level alphabet: printable bytes stand for themselves, the rest are shifted up.
-    keep = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars, extra = [], 0
-    for b in range(256):
-        if b in keep:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
-
-
 def _block_bytes(rng: np.random.Generator, n_rows: int, n_cols: int, type_name: str) -> np.ndarray:
     """Random but well-formed quantized rows: finite, small scales so activations stay finite."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -79,7 +62,9 @@ def _block_bytes(rng: np.random.Generator, n_rows: int, n_cols: int, type_name: 
 def write_model(out_dir: Path, size: str = "1.5b", quant: str = "q4_k_m", seed: int = 0) -> tuple[Path, Path]:
     """A random-weight GGUF with a published shape and llama.cpp's tensor types, and a random head for it."""
     import gguf
+    from _synthetic import bytes_to_unicode, write_raw_gguf
 
+    from edge_ms import gguf_export
     from edge_ms.head import HeadSpec, write_head
     from edge_ms.plan import preset_shape, qwen2_tensors
 
@@ -100,58 +85,31 @@ def write_model(out_dir: Path, size: str = "1.5b", quant: str = "q4_k_m", seed: 
         "<think>",
         "</think>",
     ]
-    tokens = _bytes_to_unicode() + ["ĊĊ", ".ĊĊ"]
+    tokens = bytes_to_unicode() + ["ĊĊ", ".ĊĊ"]
     tokens += [f"Ġw{i}" for i in range(shape.n_vocab - len(tokens) - len(specials))] + specials
     types = [1] * (shape.n_vocab - len(specials)) + [3] * len(specials)  # 1 normal, 3 control
     delimiter = tokens.index(".ĊĊ")
 
-    tmp = gguf_path.with_name(gguf_path.name + ".tmp")
-    w = gguf.GGUFWriter(tmp, "qwen2")
-    w.add_name(shape.name)
-    w.add_context_length(shape.n_ctx_train)
-    w.add_embedding_length(shape.n_embd)
-    w.add_block_count(shape.n_layer)
-    w.add_feed_forward_length(shape.n_ff)
-    w.add_head_count(shape.n_head)
-    w.add_head_count_kv(shape.n_head_kv)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_K_M)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(["Ċ Ċ", ". ĊĊ"])
-    w.add_bos_token_id(tokens.index("<｜begin▁of▁sentence｜>"))
-    w.add_eos_token_id(tokens.index("<｜end▁of▁sentence｜>"))
-    w.add_add_bos_token(True)
-    w.add_string("edge_ms.backbone_fingerprint", fingerprint)
-    plan = qwen2_tensors(shape, quant)
-    for name, dims, type_name in plan:
-        if type_name == "F32":
-            w.add_tensor_info(name, dims, np.dtype(np.float32), 4 * dims[0])
-        else:
-            qtype = gguf.GGMLQuantizationType[type_name]
-            block, size = gguf.GGML_QUANT_SIZES[qtype]
-            w.add_tensor_info(
-                name,
-                (dims[0], dims[1] // block * size),
-                np.dtype(np.uint8),
-                dims[0] * dims[1] // block * size,
-                raw_dtype=qtype,
-            )
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    for name, dims, type_name in plan:
-        if type_name == "F32":
-            w.write_tensor_data(
-                np.ones(dims, np.float32) if name.endswith("norm.weight") else np.zeros(dims, np.float32)
-            )
-        else:
-            w.write_tensor_data(_block_bytes(rng, dims[0], dims[1], type_name))
-    w.close()
-    os.replace(tmp, gguf_path)
+    params = gguf_export.Qwen2Params(
+        n_layer=shape.n_layer, hidden_size=shape.n_embd, n_head=shape.n_head, n_head_kv=shape.n_head_kv,
+        head_dim=shape.n_embd // shape.n_head, ffn_size=shape.n_ff, context_length=shape.n_ctx_train,
+        rope_theta=10000.0, rms_eps=1e-6, vocab_size=shape.n_vocab, tied_embeddings=False,
+    )
+    vocab = gguf_export.Vocab(
+        tokens=tokens, types=types, merges=["Ċ Ċ", ". ĊĊ"], bos_id=tokens.index("<｜begin▁of▁sentence｜>"),
+        eos_id=tokens.index("<｜end▁of▁sentence｜>"), pad_id=None, add_bos=True, chat_template=None, ids={},
+    )
+    tensors = qwen2_tensors(shape, quant)
+
+    def arrays():
+        for name, dims, type_name in tensors:
+            if type_name != "F32":
+                yield _block_bytes(rng, dims[0], dims[1], type_name)
+            else:
+                yield np.ones(dims, np.float32) if name.endswith("norm.weight") else np.zeros(dims, np.float32)
+
+    write_raw_gguf(gguf_path, shape.name, params, vocab, gguf.LlamaFileType.MOSTLY_Q4_K_M, tensors, arrays(),
+                   fingerprint)
 
     c = shape.n_embd
     weights = {
@@ -160,7 +118,9 @@ def write_model(out_dir: Path, size: str = "1.5b", quant: str = "q4_k_m", seed: 
         "3.weight": rng.normal(0, (2 * c) ** -0.5, (1, 2 * c)).astype(np.float32),
         "3.bias": np.zeros(1, np.float32),
     }
-    write_head(head_path, weights, HeadSpec(shape.n_layer - 2, c, (delimiter,), None, None, fingerprint))
+    spec = HeadSpec(layer=shape.n_layer - 2, hidden_size=c, step_delimiter_ids=(delimiter,), think_start_id=None,
+                    think_end_id=None, backbone_fingerprint=fingerprint)
+    write_head(head_path, weights, spec)
     return gguf_path, head_path
 
 
@@ -342,7 +302,9 @@ def main() -> None:
     }
     text = json.dumps(report, indent=2)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        from edge_ms.atomic import write_text
+
+        write_text(args.out, text + "\n")
     print(text)
 
 

@@ -52,9 +52,10 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _synthetic  # noqa: E402
 
+from edge_ms.atomic import write_text  # noqa: E402
 from edge_ms.engine import Engine  # noqa: E402
 from edge_ms.model import KV_TYPES, DeviceSettings, Model, default_extra_bufts  # noqa: E402
-from edge_ms.plan import available_memory  # noqa: E402
+from edge_ms.plan import ENGINE_BATCH, available_memory  # noqa: E402
 from edge_ms.reasoner import Reasoner  # noqa: E402
 from edge_ms.sampling import SamplingParams, make_sampler  # noqa: E402
 from edge_ms.score import step_positions  # noqa: E402
@@ -117,7 +118,7 @@ class RawContext:
     """A llama.cpp context with Engine's parameters, driven directly (optionally with the tap)."""
 
     def __init__(
-        self, model: Model, n_ctx: int, n_seq: int, tap_layer: int | None = None, n_batch: int = 512
+        self, model: Model, n_ctx: int, n_seq: int, tap_layer: int | None = None, n_batch: int = ENGINE_BATCH
     ):
         n_batch = max(n_batch, n_seq)
         p = llama_cpp.llama_context_default_params()
@@ -513,7 +514,7 @@ def run(cfg: Config, log=print) -> dict:
         n_ctx=cfg.prompt_tokens + cfg.new_tokens + 8,
         n_threads=cfg.threads,
         n_threads_batch=cfg.threads,
-        n_batch=512,
+        n_batch=ENGINE_BATCH,
         flash_attn=True,
         verbose=False,
     )
@@ -776,9 +777,7 @@ def markdown(res: dict, command: str) -> str:
 
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,8 @@ import click
 import numpy as np
 from openai import OpenAI
 
+from edge_ms.atomic import write_text
+
 try:
     import httpx2 as httpx  # what openai >= 3 is built on
 except ImportError:
@@ -186,10 +188,7 @@ def main(model, clients, requests, effort, max_tokens, threads, json_out) -> Non
     for k, v in rows:
         click.echo(f"  {k:<{width}}  {v:>12}")
     if json_out:
-        out = Path(json_out)
-        tmp_out = out.with_name(f".{out.name}.tmp")
-        tmp_out.write_text(json.dumps(figures, indent=2) + "\n")
-        os.replace(tmp_out, out)
+        write_text(json_out, json.dumps(figures, indent=2) + "\n")
     if errors:
         sys.exit(1)
 

@@ -9,6 +9,10 @@ import click
 
 from edge_ms.errors import EdgeMSError
 from edge_ms.interrupts import import_held
+from edge_ms.quants import KV_BYTES_PER_VALUE, QUANTS
+
+_QUANT_NAMES = ", ".join(QUANTS)
+_KV_TYPE_HELP = f"KV-cache type: {' or '.join(KV_BYTES_PER_VALUE)}."
 
 
 def _one_line_errors(fn):
@@ -61,11 +65,11 @@ def device_options(fn):
     """Options every command that loads a model shares."""
     opts = [
         click.option("--model", "-m", default=None, help="Model directory, store name, or GGUF file (default: embedded model)."),
-        click.option("--quant", default=None, help="Which GGUF of the model to use (f32, f16, q8_0, q4_k_m)."),
+        click.option("--quant", default=None, help=f"Which GGUF of the model to use ({_QUANT_NAMES})."),
         click.option("--head", default=None, help="SPRM head file (.sprm.onnx), when --model is a bare GGUF."),
         click.option("--threads", type=int, default=None, help="CPU threads (default: all cores)."),
         click.option("--n-gpu-layers", type=int, default=0, show_default=True, help="Layers to offload to the GPU."),
-        click.option("--kv-type", default="f16", show_default=True, help="KV-cache type: f16 or q8_0."),
+        click.option("--kv-type", default="f16", show_default=True, help=_KV_TYPE_HELP),
         click.option("--extra-bufts/--no-extra-bufts", default=None,
                      help="llama.cpp extra buffer types (weight repacking, AMX). Default: on unless the build has AMX."),
         click.option("--memory", default=None, help="Memory budget, e.g. 4GiB: plans N and the context to fit."),
@@ -95,43 +99,69 @@ def _load_reasoner(model, quant, head, threads, n_gpu_layers, kv_type, extra_buf
 @click.option("--repetition-penalty", type=float, default=1.05, show_default=True)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--strategy", default="best", show_default=True, help="best (SPRM best-of-N), majority, weighted (SPRM-weighted vote), prune (stop trajectories that fall behind).")
+@click.option("--min-confidence", type=float, default=None,
+              help="Say 'not sure' when the answer's calibrated confidence is below this (needs a calibrated head).")
 @click.option("--raw", is_flag=True, help="Do not apply the model's chat template.")
+@click.option("--kv-layout", default="auto", show_default=True,
+              help="KV cache: unified (one pool all trajectories share), streams (one each), or auto (the plan's choice).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @_one_line_errors
 def solve(prompt, model, quant, head, threads, n_gpu_layers, kv_type, extra_bufts, memory, mode, n, seed,
-          max_new_tokens, temperature, top_p, repetition_penalty, stop, strategy, raw, as_json) -> None:
+          max_new_tokens, temperature, top_p, repetition_penalty, stop, strategy, min_confidence, raw,
+          kv_layout, as_json) -> None:
     """Sample N reasoning trajectories for PROMPT, score every step, print the best answer."""
     import json
 
     from edge_ms.modes import resolve_n
 
     n_seq = resolve_n(mode, n)
+    if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
+        raise EdgeMSError(f"--min-confidence {min_confidence}: must be a probability from 0 to 1")
     reasoner = _load_reasoner(model, quant, head, threads, n_gpu_layers, kv_type, extra_bufts, memory)
+    calibration = reasoner.head.spec.calibration
+    if min_confidence is not None and calibration is None:
+        raise EdgeMSError(f"{reasoner.head.path}: --min-confidence needs a calibrated head and this one has no "
+                          f"calibration (add one with `edge-ms calibrate`)")
     kwargs = dict(seed=seed, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                  repetition_penalty=repetition_penalty, stop=stop, raw=raw, strategy=strategy)
+                  repetition_penalty=repetition_penalty, stop=stop, raw=raw, strategy=strategy, kv_layout=kv_layout)
     if as_json or not sys.stderr.isatty():
         result = reasoner.solve(prompt, mode, n, **kwargs)
     else:
         from edge_ms.display import TrajectoryView
 
-        with TrajectoryView(n_seq, title=f"{n_seq} trajectories ({mode if n is None else 'n=' + str(n)})") as view:
+        with TrajectoryView(n_seq, title=f"{n_seq} trajectories ({mode if n is None else 'n=' + str(n)})",
+                            confidence=calibration) as view:
             result = reasoner.solve(prompt, mode, n, on_event=view.update, **kwargs)
+    not_sure = min_confidence is not None and (result.confidence or 0.0) < min_confidence
     if as_json:
-        click.echo(json.dumps(result.to_json(), ensure_ascii=False))
+        out = result.to_json()
+        out.update(min_confidence=min_confidence, not_sure=not_sure)
+        click.echo(json.dumps(out, ensure_ascii=False))
         return
-    best = result.best
-    click.echo(
-        f"selected trajectory {result.selected} of {result.n}: score {best.score:.3g}, "
-        f"{len(best.step_scores)} steps, {len(best.token_ids)} tokens ({best.finish_reason})",
-        err=True,
-    )
+    _print_result(result)
+    if not_sure:
+        click.echo(f"not sure: the answer below has a calibrated confidence of {result.confidence:.2f}, "
+                   f"under --min-confidence {min_confidence:.2f}")
     click.echo(result.answer)
+
+
+def _print_result(result) -> None:
+    """What solve reports on stderr beside the answer: the chosen trajectory and the answers' masses."""
+    best = result.best
+    shown = f"score {best.score:.3g}" if best.confidence is None else \
+        f"confidence {best.confidence:.2f} (score {best.score:.3g})"
+    click.echo(f"selected trajectory {result.selected} of {result.n}: {shown}, {len(best.step_scores)} steps, "
+               f"{len(best.token_ids)} tokens ({best.finish_reason})", err=True)
+    if result.answers:
+        parts = [f"{a.answer} ({a.count} of {result.n}" + (")" if a.mass is None else f", mass {a.mass:.2f})")
+                 for a in result.answers[:5]]
+        more = f" and {len(result.answers) - 5} more" if len(result.answers) > 5 else ""
+        click.echo("answers: " + ", ".join(parts) + more, err=True)
 
 
 @main.command("pull")
 @click.argument("repo_id")
-# The same list as edge_ms.store.QUANTS, spelled out so `--help` does not import onnxruntime.
-@click.option("--quant", type=click.Choice(["f32", "f16", "q8_0", "q4_k_m"]), default="q4_k_m", show_default=True,
+@click.option("--quant", type=click.Choice(QUANTS), default="q4_k_m", show_default=True,
               help="GGUF type to convert to; pull again with another one to add it.")
 @click.option("--revision", default=None, help="Branch, tag or commit on the Hub (default: main).")
 @click.option("--name", default=None, help="Store name (default: the repo name, lower-cased).")
@@ -190,7 +220,7 @@ def list_cmd(as_json) -> None:
 @click.argument("hf_dir")
 @click.option("-o", "--out", "out_dir", required=True, help="Output directory (new unless --force).")
 # A plain string, validated by edge_ms.convert, so a bad value is one error line, not a usage block.
-@click.option("--quant", default="f16", show_default=True, help="GGUF type: f32, f16, q8_0 or q4_k_m.")
+@click.option("--quant", default="f16", show_default=True, help=f"GGUF type: {_QUANT_NAMES}.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR once the new conversion is complete.")
 @_one_line_errors
 def convert_cmd(hf_dir, out_dir, quant, force) -> None:
@@ -206,24 +236,28 @@ def convert_cmd(hf_dir, out_dir, quant, force) -> None:
 @main.command("serve")
 @device_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
-@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--port", type=int, default=8080, show_default=True, help="Port (0: any free one; the log says which).")
 @click.option("--api-key", default=None, envvar="EDGE_MS_API_KEY",
               help="Require 'Authorization: Bearer KEY' on /v1 requests (env: EDGE_MS_API_KEY).")
 @click.option("--queue-size", type=int, default=16, show_default=True,
               help="Requests that may wait while one runs; more are answered 429.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True,
+              help="Another name clients may use in Host (repeatable; '*': any). Default: loopback names and --host.")
+@click.option("--cors-origin", "cors_origins", multiple=True,
+              help="A web origin whose pages may use the API, e.g. http://localhost:3000 (repeatable; '*': any).")
 @_one_line_errors
 def serve_cmd(model, quant, head, threads, n_gpu_layers, kv_type, extra_bufts, memory, host, port, api_key,
-              queue_size) -> None:
+              queue_size, allowed_hosts, cors_origins) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health) on one loaded model."""
-    from edge_ms.server import serve
+    from edge_ms.server import LOOPBACK_NAMES, check_settings, serve
 
-    if queue_size < 1:
-        raise EdgeMSError(f"--queue-size {queue_size}: must be at least 1")
+    check_settings(queue_size=queue_size, api_key=api_key, port=port)
     reasoner = _load_reasoner(model, quant, head, threads, n_gpu_layers, kv_type, extra_bufts, memory)
-    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+    if api_key is None and host not in LOOPBACK_NAMES:
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
     try:
-        serve(reasoner, host=host, port=port, api_key=api_key, queue_size=queue_size)
+        serve(reasoner, host=host, port=port, api_key=api_key, queue_size=queue_size,
+              allowed_hosts=allowed_hosts, cors_origins=cors_origins)
     finally:
         reasoner.close()
 
@@ -236,7 +270,7 @@ def serve_cmd(model, quant, head, threads, n_gpu_layers, kv_type, extra_bufts, m
 @click.option("--mode", default="medium", show_default=True, help="low / medium / high = 2 / 8 / 32 trajectories.")
 @click.option("--n", "n", type=int, default=None, help="Number of trajectories (overrides --mode).")
 @click.option("--max-new-tokens", type=int, default=1024, show_default=True)
-@click.option("--kv-type", default="f16", show_default=True, help="KV-cache type: f16 or q8_0.")
+@click.option("--kv-type", default="f16", show_default=True, help=_KV_TYPE_HELP)
 @click.option("--prompt-tokens", type=int, default=256, show_default=True, help="Prompt length to plan for.")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
@@ -285,10 +319,13 @@ def plan_cmd(model, quant, shape, memory, mode, n, max_new_tokens, kv_type, prom
 @click.option("--workers", type=int, default=1, show_default=True,
               help="Sample this many problems at once, the threads split between them (small models: one per core).")
 @click.option("--cache", default=None, help="Keep sampled trajectories here; a rerun reuses them (resume, retrain).")
+@click.option("--calib-problems", type=int, default=50, show_default=True,
+              help="Validation problems (neither trained on nor held out) to calibrate the head's confidence on.")
 @click.option("--force", is_flag=True, help="Overwrite an existing head file.")
 @_one_line_errors
 def train_sprm_cmd(model, task, output, train_problems, heldout_problems, n, seed, max_new_tokens, temperature,
-                   epochs, lr, warmup_epochs, delimiter, layer, init, threads, workers, cache, force) -> None:
+                   epochs, lr, warmup_epochs, delimiter, layer, init, threads, workers, cache, calib_problems,
+                   force) -> None:
     """Train an SPRM head on the frozen backbone from final-answer correctness alone (SPR loss)."""
     from pathlib import Path
 
@@ -304,15 +341,20 @@ def train_sprm_cmd(model, task, output, train_problems, heldout_problems, n, see
         raise EdgeMSError(f"{out}: already exists (use --force to replace it)")
     gguf, _ = locate(model)
     if task == "arith":
-        train = make_problems("train", train_problems, seed)
+        # Validation problems come after the training ones in the train split: disjoint from both
+        # the training problems and the test split the held-out problems come from.
+        pool = make_problems("train", train_problems + calib_problems, seed)
+        train, calib = pool[:train_problems], pool[train_problems:]
         heldout = make_problems("test", heldout_problems, seed)
     else:
         problems = load_jsonl(task)
         cut = max(1, int(len(problems) * 0.8))
         train, heldout = problems[:cut][:train_problems], problems[cut:][:heldout_problems]
+        calib = problems[len(train):cut][:calib_problems]  # what --train-problems leaves of the first 80%
         if not heldout:
             raise EdgeMSError(f"{task}: too few problems to hold some out for evaluation")
-    config = TrainConfig(n, seed, max_new_tokens, temperature, epochs, lr, warmup_epochs, delimiter, layer, workers)
+    config = TrainConfig(n=n, seed=seed, max_new_tokens=max_new_tokens, temperature=temperature, epochs=epochs, lr=lr,
+                         warmup_epochs=warmup_epochs, delimiter=delimiter, layer=layer, workers=workers)
     with Progress(transient=True) as bar:
         tasks: dict[str, object] = {}
 
@@ -322,18 +364,96 @@ def train_sprm_cmd(model, task, output, train_problems, heldout_problems, n, see
             bar.update(tasks[phase], completed=done)
 
         def on_epoch(e) -> None:
-            if "train" not in tasks:
-                tasks["train"] = bar.add_task("training", total=epochs)
-            bar.update(tasks["train"], completed=e.epoch)
+            # Its own key: "train" is the phase of sampling the training problems.
+            if "epochs" not in tasks:
+                tasks["epochs"] = bar.add_task("training", total=epochs)
+            bar.update(tasks["epochs"], completed=e.epoch)
 
         report = train_sprm(gguf, train, heldout, out, config, DeviceSettings(n_threads=threads), init,
-                            on_progress, on_epoch, cache)
+                            on_progress, on_epoch, cache, calib)
     b, a = report.before, report.heldout
     click.echo(f"head: {report.head}  log: {report.log_path}  plot: {report.plot_path}")
     click.echo(f"held-out ({a['problems']} problems, N={n}): pass@1 {a['pass@1']:.3f}  oracle {a['oracle']:.3f}  "
                f"majority {a['majority']:.3f}")
     click.echo(f"  SPRM best-of-{n}: {b['sprm_best']:.3f} before training -> {a['sprm_best']:.3f} after  "
                f"(weighted vote {a['sprm_weighted']:.3f}, random pick {a['random']:.3f}, AUC {a['auc']:.3f})")
+    if report.calibration is None:
+        click.echo("no calibration: no validation problems left (lower --train-problems, or run edge-ms calibrate)")
+    else:
+        _print_calibration(report.calibration)
+
+
+def _print_calibration(report) -> None:
+    f, c = report.fit, report.fit.calibration
+    numbers = f"a={c.a:.4g} b={c.b:.4g}" if c.method == "platt" else f"{len(c.z)} points"
+    click.echo(f"calibration: {c.method} ({numbers}) on {f.trajectories} trajectories of {f.problems} problems "
+               f"({f.right} right): ECE {f.ece:.3f}, out of fold {f.oof_ece:.3f} (10 bins)")
+    shown = report.shown
+    click.echo(f"  as solve shows it (best-of-N, {shown['problems']} problems): ECE {shown['ece_10_bins']:.3f}, "
+               f"out of fold {shown['out_of_fold_ece_10_bins']:.3f}; mean confidence "
+               f"{shown['mean_confidence']:.3f}, right {shown['accuracy']:.3f}")
+    click.echo(f"  fit: {report.log_path}  reliability diagram: {report.plot_path}")
+
+
+@main.command("calibrate")
+@click.option("--model", "-m", default=None, help="GGUF file, model directory or store name (default: embedded model).")
+@click.option("--quant", default=None, help="Which GGUF of the model to use.")
+@click.option("--head", default=None, help="Head to calibrate (default: the model's own).")
+@click.option("--task", required=True, help="A JSONL file with prompt/answer lines, or arith (train split after --skip).")
+@click.option("--output", "-o", default=None, help="Where to write the calibrated head (default: replace the head, with --force).")
+@click.option("--problems", type=int, default=None, help="Use at most this many problems (arith: 150).")
+@click.option("--skip", type=int, default=1000, show_default=True,
+              help="arith: leave out the first K train-split problems, those a head trained on (the shipped head: 1000).")
+@click.option("--n", "n", type=int, default=8, show_default=True, help="Trajectories sampled per problem.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--temperature", type=float, default=0.7, show_default=True)
+@click.option("--method", default="auto", show_default=True, help="platt, isotonic, or auto (lower out-of-fold log-loss).")
+@click.option("--threads", type=int, default=None, help="Threads in all (default: every core).")
+@click.option("--workers", type=int, default=1, show_default=True, help="Sample this many problems at once.")
+@click.option("--cache", default=None, help="Keep sampled trajectories here; a rerun reuses them.")
+@click.option("--force", is_flag=True, help="Overwrite an existing head file (the output, or the head itself).")
+@_one_line_errors
+def calibrate_cmd(model, quant, head, task, output, problems, skip, n, seed, max_new_tokens, temperature, method,
+                  threads, workers, cache, force) -> None:
+    """Fit a calibrated confidence for a head's trajectory scores on labelled problems and store it in the head."""
+    from pathlib import Path
+
+    from rich.progress import Progress
+
+    from edge_ms.model import DeviceSettings
+    from edge_ms.sprm import TrainConfig, calibrate_sprm
+    from edge_ms.store import locate
+    from edge_ms.tasks import load_jsonl, make_problems
+
+    if method not in ("auto", "platt", "isotonic"):
+        raise EdgeMSError(f"--method {method}: unknown (choose from auto, platt, isotonic)")
+    gguf, head_path = locate(model, quant, head)
+    if head_path is None:
+        raise EdgeMSError(f"{gguf}: no SPRM head given (pass --head FILE.sprm.onnx)")
+    out = Path(output) if output else Path(head_path)
+    if out.exists() and not force:
+        hint = "" if output else ", or -o NEW.sprm.onnx"
+        raise EdgeMSError(f"{out}: already exists (use --force to replace it{hint})")
+    if problems is not None and problems < 1:
+        raise EdgeMSError(f"--problems {problems}: must be at least 1")
+    if task == "arith":
+        if skip < 0:
+            raise EdgeMSError(f"--skip {skip}: must be 0 or more")
+        picked = make_problems("train", skip + (150 if problems is None else problems), seed)[skip:]
+        source = f"arith train split (seed {seed}), problems {skip} to {skip + len(picked) - 1}"
+    else:
+        picked = load_jsonl(task)[:problems]
+        source = f"{Path(task).name}, {len(picked)} problems"
+    if not picked:
+        raise EdgeMSError(f"{task}: no problems to calibrate on")
+    config = TrainConfig(n=n, seed=seed, max_new_tokens=max_new_tokens, temperature=temperature, workers=workers)
+    with Progress(transient=True) as bar:
+        job = bar.add_task(f"sampling {len(picked)} problems ({n} per problem)", total=len(picked))
+        report = calibrate_sprm(gguf, head_path, picked, out, config, DeviceSettings(n_threads=threads), method,
+                                lambda _phase, done, _total: bar.update(job, completed=done), cache, source)
+    click.echo(f"head: {report.head}")
+    _print_calibration(report)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import secrets
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,19 +18,20 @@ from pathlib import Path
 import numpy as np
 
 from edge_ms import gguf_export
+from edge_ms.atomic import fresh_dir, replace_dir
 from edge_ms.errors import EdgeMSError, fail
-from edge_ms.head import HeadSpec, write_head
+from edge_ms.head import WEIGHT_KEYS, HeadSpec, weight_shapes, write_head
 from edge_ms.pt_load import load_state_dict
+from edge_ms.quants import QUANTS
 from edge_ms.safetensors_io import TensorEntry, iter_chunks, open_checkpoint
 
 __all__ = ["ConvertResult", "convert", "fingerprint", "STEP_DELIMITER"]
 
 log = logging.getLogger(__name__)
 
-# MetaStone-S1 ends every reasoning step with this text (REFERENCE.md section 3).
+# MetaStone-S1 ends every reasoning step with this text (docs/method.md, section 3).
 STEP_DELIMITER = ".\n\n"
 HEAD_FILE = "score_module.pt"
-HEAD_KEYS = ("0.weight", "0.bias", "3.weight", "3.bias")
 
 
 @dataclass(frozen=True)
@@ -60,22 +60,21 @@ def _read_head(hf_dir: Path, hidden_size: int) -> dict[str, np.ndarray]:
     path = hf_dir / HEAD_FILE
     if not path.is_file():
         raise fail(path, "file not found (the SPRM head of a MetaStone-S1 checkpoint)")
-    c = hidden_size
-    want = {"0.weight": (2 * c, c), "0.bias": (2 * c,), "3.weight": (1, 2 * c), "3.bias": (1,)}
+    want = weight_shapes(hidden_size)
     # The shapes go to the loader so that a hostile file is refused before anything is inflated.
-    state = load_state_dict(path, want.values(), f"a head for hidden_size {c} of config.json")
-    if set(state) != set(HEAD_KEYS):
+    state = load_state_dict(path, want.values(), f"a head for hidden_size {hidden_size} of config.json")
+    if set(state) != set(WEIGHT_KEYS):
         # A head saved from a wrapper module carries one common prefix ("score_head.0.weight").
-        prefixes = {k[: -len(s)] for k in state for s in HEAD_KEYS if k.endswith("." + s)}
-        if len(prefixes) == 1 and {next(iter(prefixes)) + s for s in HEAD_KEYS} == set(state):
+        prefixes = {k[: -len(s)] for k in state for s in WEIGHT_KEYS if k.endswith("." + s)}
+        if len(prefixes) == 1 and {next(iter(prefixes)) + s for s in WEIGHT_KEYS} == set(state):
             state = {k[len(next(iter(prefixes))) :]: v for k, v in state.items()}
         else:
-            raise fail(path, f"expected the keys {', '.join(HEAD_KEYS)}, found {', '.join(sorted(state))}")
+            raise fail(path, f"expected the keys {', '.join(WEIGHT_KEYS)}, found {', '.join(sorted(state))}")
     for key, shape in want.items():
         if state[key].shape != shape:
             raise fail(
                 path,
-                f"head {key} has shape {list(state[key].shape)}, hidden_size {c} of config.json needs "
+                f"head {key} has shape {list(state[key].shape)}, hidden_size {hidden_size} of config.json needs "
                 f"{list(shape)}",
             )
     return state
@@ -88,10 +87,8 @@ def convert(
     force: bool = False,
 ) -> ConvertResult:
     """Convert ``hf_dir`` into ``out_dir/<name>-<quant>.gguf`` and ``out_dir/<name>.sprm.onnx``."""
-    if quant not in gguf_export.QUANTS:
-        raise EdgeMSError(
-            f"--quant {quant}: unknown quantization; choose one of {', '.join(gguf_export.QUANTS)}"
-        )
+    if quant not in QUANTS:
+        raise EdgeMSError(f"--quant {quant}: unknown quantization; choose one of {', '.join(QUANTS)}")
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if not hf_dir.is_dir():
         raise fail(hf_dir, "not a directory")
@@ -114,7 +111,7 @@ def convert(
     name = src.name.lower()
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _fresh_dir(out_dir, "tmp")
+        tmp = fresh_dir(out_dir, "tmp")
     except OSError as err:
         raise fail(out_dir.parent, f"cannot create the output beside it: {err.strerror or err}") from None
     try:
@@ -148,31 +145,10 @@ def convert(
     return ConvertResult(out_dir / gguf_path.name, out_dir / head_path.name, fp)
 
 
-def _fresh_dir(out_dir: Path, tag: str) -> Path:
-    """A new hidden directory beside ``out_dir`` (same filesystem, so renames are atomic).
-
-    Made with mkdir rather than mkdtemp so that it gets the user's umask, not mode 0700.
-    """
-    while True:
-        path = out_dir.parent / f".{out_dir.name}.{secrets.token_hex(4)}.{tag}"
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-
-
 def _install(tmp: Path, out_dir: Path) -> None:
     """Move the finished ``tmp`` to ``out_dir``; an old ``out_dir`` goes only once the new one is whole."""
-    if not out_dir.exists():
-        os.rename(tmp, out_dir)
-        return
-    old = _fresh_dir(out_dir, "old")
-    os.rename(out_dir, old / out_dir.name)
+    old = fresh_dir(out_dir, "old")
     try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        os.rename(old / out_dir.name, out_dir)  # put the previous output back
-        raise
+        replace_dir(tmp, out_dir, old / out_dir.name)
     finally:
         shutil.rmtree(old, ignore_errors=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -11,11 +13,16 @@ from edge_ms.engine import Event
 
 
 class TrajectoryView:
-    """Feed it engine events; it redraws a table of tokens, steps and running scores."""
+    """Feed it engine events; it redraws a table of tokens, steps and running scores.
 
-    def __init__(self, n: int, console: Console | None = None, title: str = "") -> None:
+    ``confidence`` (a head's calibration) adds a column of the running scores as calibrated confidences.
+    """
+
+    def __init__(self, n: int, console: Console | None = None, title: str = "",
+                 confidence: Callable[[float], float] | None = None) -> None:
         self.console = console or Console(stderr=True)
         self.title = title
+        self.confidence = confidence
         self.tokens = [0] * n
         self.steps = [0] * n
         self.last_step = [None] * n
@@ -46,12 +53,14 @@ class TrajectoryView:
 
     def _render(self) -> Group:
         table = Table(title=self.title or None, expand=False)
-        for col in ("#", "tokens", "steps", "last step", "score", "state"):
+        cols = ("#", "tokens", "steps", "last step", "score") + ("confidence",) * bool(self.confidence) + ("state",)
+        for col in cols:
             table.add_column(col, justify="right" if col != "state" else "left")
         best = max(range(len(self.score)), key=lambda i: self.score[i]) if self.score else -1
         for i in range(len(self.tokens)):
             style = "bold green" if i == best and self.steps[i] else ""
             last = f"{self.last_step[i]:.3g}" if self.last_step[i] is not None else "-"
-            table.add_row(str(i), str(self.tokens[i]), str(self.steps[i]), last, f"{self.score[i]:.3g}",
+            conf = (f"{self.confidence(self.score[i]):.2f}" if self.steps[i] else "-",) if self.confidence else ()
+            table.add_row(str(i), str(self.tokens[i]), str(self.steps[i]), last, f"{self.score[i]:.3g}", *conf,
                           self.state[i], style=style)
         return Group(table, Text(""))

@@ -1,11 +1,12 @@
 """N trajectories in one batched llama.cpp context, scored step by step as they grow.
 
-The prompt is decoded once into sequence 0 and its KV cells are shared with the
-other sequences (``kv_unified`` + ``llama_memory_seq_cp``: no copy). Each step
-then decodes one token for every live sequence in a single batch; the tap hands
-back the hidden state of each of those tokens, and whenever a sequence samples a
-token that starts a step, the hidden state of the token before it is scored by
-the head right away. No second forward pass is needed.
+The prompt is decoded once into sequence 0 and shared with the other sequences by
+``llama_memory_seq_cp``: in the unified KV layout the cells themselves are shared (no copy),
+in the streams layout each sequence's stream gets a copy (edge_ms.plan.auto_layout picks).
+Each round then decodes one token for every live sequence in a single batch; the tap hands
+back the hidden state of each of those tokens, and whenever a sequence samples a token that
+starts a step, the hidden state of the token before it is scored by the head right away.
+No second forward pass is needed.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from edge_ms.errors import EdgeMSError
 from edge_ms.head import Head
 from edge_ms.interrupts import hold_interrupt
 from edge_ms.model import KV_TYPES, Model
-from edge_ms.plan import shape_estimate, shape_from_model
+from edge_ms.plan import layout_estimate, shape_from_model
 from edge_ms.sampling import SamplingParams, make_sampler
 from edge_ms.score import StepTracker, candidate_positions, starts_step
 from edge_ms.sizes import human_size
@@ -96,6 +97,7 @@ class Stats:
     total_s: float = 0.0
     n_ctx: int = 0
     reused_prompt_tokens: int = 0
+    kv_layout: str = ""
 
 
 # A pruning rule: given every trajectory after a step, the indices of live ones to stop now.
@@ -124,7 +126,7 @@ class Engine:
         self.abort = AbortFlag()
         self._ctx = None
         self._mem = None
-        self._ctx_key: tuple[int, int] | None = None
+        self._ctx_plan: ContextPlan | None = None
         self._tap: Tap | None = None
         self._batch = None
         self._batch_cap = 0
@@ -141,8 +143,9 @@ class Engine:
 
     # -- context -----------------------------------------------------------------
 
-    def plan_context(self, n_prompt: int, n: int, max_new_tokens: int) -> int:
-        """KV cells needed: the shared prompt once, plus each trajectory's own tokens."""
+    def plan_context(self, n_prompt: int, n: int, max_new_tokens: int, kv_layout: str = "auto",
+                     forks: bool = False) -> ContextPlan:
+        """The KV layout and cells of a generation, checked against the model and the memory budget."""
         m = self.model
         if n < 1:
             raise EdgeMSError(f"n={n}: need at least one trajectory")
@@ -153,33 +156,33 @@ class Engine:
                 f"{m.path.name}: prompt of {n_prompt} tokens + max_new_tokens {max_new_tokens} exceeds the "
                 f"model's context of {m.n_ctx_train} tokens; shorten the prompt or lower --max-new-tokens"
             )
-        n_ctx = n_prompt + n * max_new_tokens + 1
-        if self.memory_budget_bytes is not None:
-            batch = min(self.n_batch, self.n_ubatch or self.n_batch)
-            est = shape_estimate(shape_from_model(m), n_ctx, n, m.settings.kv_type, n_prompt, batch)
-            if est.total > self.memory_budget_bytes:
-                raise EdgeMSError(
-                    f"{m.path.name}: {n} trajectories x {max_new_tokens} new tokens need {human_size(est.total)} "
-                    f"({human_size(est.kv_cache)} of KV cache, {human_size(est.weights)} of weights), over the "
-                    f"budget of {human_size(self.memory_budget_bytes)}; lower --n / --mode or --max-new-tokens, "
-                    f"use --kv-type q8_0, or raise --memory (`edge-ms plan` shows what fits)"
-                )
-        return n_ctx
+        batch = min(self.n_batch, self.n_ubatch or self.n_batch)
+        layout, n_ctx, est = layout_estimate(shape_from_model(m), n_prompt, n, max_new_tokens, m.settings.kv_type,
+                                             self.memory_budget_bytes, kv_layout, batch, forks)
+        if self.memory_budget_bytes is not None and est.total > self.memory_budget_bytes:
+            raise EdgeMSError(
+                f"{m.path.name}: {n} trajectories x {max_new_tokens} new tokens need {human_size(est.total)} "
+                f"({human_size(est.kv_cache)} of KV cache, {human_size(est.weights)} of weights), over the "
+                f"budget of {human_size(self.memory_budget_bytes)}; lower --n / --mode or --max-new-tokens, "
+                f"use --kv-type q8_0, or raise --memory (`edge-ms plan` shows what fits)"
+            )
+        return ContextPlan(n_ctx, n, layout)
 
-    def _context(self, n_ctx: int, n_seq: int):
-        if self._ctx is not None and self._ctx_key[0] >= n_ctx and self._ctx_key[1] >= n_seq:
+    def _context(self, plan: ContextPlan):
+        if self._ctx is not None and self._ctx_plan.holds(plan):
             return self._ctx
         self.close_context()
         m = self.model
         s = m.settings
         p = llama_cpp.llama_context_default_params()
+        n_seq = plan.n_seq
         n_batch = max(self.n_batch, n_seq)
-        p.n_ctx = n_ctx
+        p.n_ctx = plan.n_ctx
         p.n_batch = n_batch
         p.n_ubatch = min(self.n_ubatch or n_batch, n_batch)
         p.n_seq_max = n_seq
         p.n_threads = p.n_threads_batch = self.n_threads or s.threads()
-        p.kv_unified = True
+        p.kv_unified = plan.layout == "unified"
         p.type_k = p.type_v = KV_TYPES[s.kv_type]
         # A quantized V cache needs flash attention in llama.cpp.
         p.flash_attn_type = (
@@ -196,6 +199,7 @@ class Engine:
         with hold_interrupt():  # llama.cpp logs through a Python callback while it builds the context
             ctx = llama_cpp.llama_init_from_model(m.ptr, p)
         if not ctx:
+            n_ctx = plan.n_ctx
             need = n_ctx * m.kv_bytes_per_token(s.kv_type)
             raise EdgeMSError(
                 f"{m.path.name}: could not create a context of {n_ctx} tokens ({human_size(need)} of KV cache); "
@@ -203,7 +207,7 @@ class Engine:
             )
         self._ctx = ctx
         self._mem = llama_cpp.llama_get_memory(ctx)
-        self._ctx_key = (n_ctx, n_seq)
+        self._ctx_plan = plan
         if self._batch_cap < n_batch:
             if self._batch is not None:
                 llama_cpp.llama_batch_free(self._batch)
@@ -216,7 +220,7 @@ class Engine:
         if self._ctx is not None:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
-            self._ctx_key = None
+            self._ctx_plan = None
 
     def close(self) -> None:
         self.close_context()
@@ -258,8 +262,12 @@ class Engine:
         prune: Pruner | None = None,
         should_stop: Callable[[], bool] | None = None,
         stats: Stats | None = None,
+        kv_layout: str = "auto",
     ) -> Iterator[Event]:
         """Sample ``n`` trajectories after ``prompt_ids``; yields progress, then a ``done`` event.
+
+        ``kv_layout`` (auto / unified / streams) says how the sequences share the KV cache
+        (edge_ms.plan.auto_layout); tokens and scores do not depend on it beyond float noise.
 
         The phases read top to bottom: prefill the prompt, fork it into ``n`` sequences,
         then rounds of sample, score, retire, decode until no sequence is live. Cancelling
@@ -270,9 +278,9 @@ class Engine:
         stats = stats if stats is not None else Stats()
         if not prompt_ids:
             raise EdgeMSError("empty prompt: nothing to condition on")
-        n_ctx = self.plan_context(len(prompt_ids), n, params.max_new_tokens)
-        ctx = self._context(n_ctx, n)
-        stats.n_ctx, stats.prompt_tokens = n_ctx, len(prompt_ids)
+        plan = self.plan_context(len(prompt_ids), n, params.max_new_tokens, kv_layout)
+        ctx = self._context(plan)
+        stats.n_ctx, stats.prompt_tokens, stats.kv_layout = plan.n_ctx, len(prompt_ids), plan.layout
         self.abort.clear()
         try:
             prefill = self._prefill(ctx, prompt_ids, stats)
@@ -358,6 +366,7 @@ class Engine:
         stats.score_s += time.perf_counter() - t0
         for seq in range(1, n):
             llama_cpp.llama_memory_seq_cp(self._mem, 0, seq, -1, -1)
+        banned = self.model.eog_ids if params.ignore_eos else ()
         base = StepTracker(spec, len(prompt_ids))
         for tok in prompt_ids:
             base.add_token(tok)
@@ -366,7 +375,7 @@ class Engine:
         trajs = []
         for i in range(n):
             traj = Trajectory(i, base.copy(), i_batch=prefill.last_index,
-                              sampler=make_sampler(params, self.model.n_vocab, params.seed + i, prompt_ids))
+                              sampler=make_sampler(params, self.model.n_vocab, params.seed + i, prompt_ids, banned))
             if self.keep_rows:
                 traj.rows = {q: prefill.rows[q] for q in cands}
             trajs.append(traj)
@@ -458,6 +467,23 @@ class Engine:
 
 class _Aborted(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class ContextPlan:
+    """The llama.cpp context a generation needs: KV cells in all, sequences, and their layout."""
+
+    n_ctx: int
+    n_seq: int
+    layout: str  # "unified" (one shared pool) or "streams" (one stream per sequence)
+
+    def holds(self, other: ContextPlan) -> bool:
+        """Whether a context made for this plan can run ``other`` as well."""
+        if self.layout != other.layout:
+            return False
+        if self.layout == "streams":  # llama.cpp gives each of n_seq streams n_ctx / n_seq cells
+            return self.n_seq >= other.n_seq and self.n_ctx // self.n_seq >= other.n_ctx // other.n_seq
+        return self.n_ctx >= other.n_ctx and self.n_seq >= other.n_seq
 
 
 @dataclass

@@ -20,25 +20,30 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from edge_ms import normalize
 from edge_ms.errors import EdgeMSError, fail
-from edge_ms.jsonio import load_json
+from edge_ms.jsonio import parse_json
+from edge_ms.readfile import read_capped
 from edge_ms.safetensors_io import TensorEntry, convert_into
 
 __all__ = [
-    "QUANTS",
     "FINGERPRINT_KEY",
     "Qwen2Params",
     "Vocab",
     "read_params",
     "read_vocab",
+    "add_metadata",
     "plan_tensors",
+    "qwen2_tensor_shapes",
     "write_gguf",
     "quantize",
     "tokenize",
 ]
 
 
-QUANTS = ("f32", "f16", "q8_0", "q4_k_m")
+# Qwen2's tokenizer.json is 7 MB and the largest vocabularies stay under 40 MB: anything past this
+# cap is not a tokenizer, config or chat template (and /dev/zero would be read until memory ran out).
+MAX_TEXT_BYTES = 64 << 20
 FINGERPRINT_KEY = "edge_ms.backbone_fingerprint"
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2]
 
@@ -80,10 +85,25 @@ class Vocab:
     add_bos: bool
     chat_template: str | None
     ids: dict[str, int] = field(repr=False)  # token text -> id, for looking up special tokens
+    normalizer: tuple[str, ...] = ()  # Unicode forms applied before BPE (edge_ms.normalize)
 
 
-def _read_json(path: Path) -> dict:
-    data = load_json(path)
+def _read_text(path: Path, what: str, optional: bool = False) -> str | None:
+    """A checkpoint's text file, read with a bound (see :mod:`edge_ms.readfile`); None if optional and absent."""
+    if optional and not os.path.lexists(path):
+        return None
+    data = read_capped(path, MAX_TEXT_BYTES, what)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise fail(path, f"not UTF-8 text ({err})") from None
+
+
+def _read_json(path: Path, optional: bool = False) -> dict:
+    text = _read_text(path, "JSON file", optional)
+    if text is None:
+        return {}
+    data = parse_json(text, path)
     if not isinstance(data, dict):
         raise fail(path, "not a JSON object")
     return data
@@ -194,6 +214,13 @@ def read_vocab(hf_dir: str | os.PathLike[str], vocab_size: int) -> Vocab:
         raise fail(
             tok_path, "malformed tokenizer: model / pre_tokenizer are not the expected objects"
         ) from None
+    try:
+        forms = normalize.from_tokenizer_json(tok.get("normalizer"))
+    except ValueError as err:
+        raise fail(
+            tok_path,
+            f"normalizer {err} is not supported (only {', '.join(normalize.FORMS)} and Sequences of them)",
+        ) from None
 
     by_id: dict[int, tuple[str, int]] = {}
     for text, i in tok["model"]["vocab"].items():
@@ -226,9 +253,9 @@ def read_vocab(hf_dir: str | os.PathLike[str], vocab_size: int) -> Vocab:
         merges.append(" ".join(m) if isinstance(m, list) else m)
 
     tcfg_path = hf_dir / "tokenizer_config.json"
-    tcfg = _read_json(tcfg_path) if tcfg_path.is_file() else {}
+    tcfg = _read_json(tcfg_path, optional=True)
     gen_path = hf_dir / "generation_config.json"
-    gen = _read_json(gen_path) if gen_path.is_file() else {}
+    gen = _read_json(gen_path, optional=True)
     cfg = _read_json(hf_dir / "config.json")
 
     def special(name: str) -> int | None:
@@ -264,6 +291,7 @@ def read_vocab(hf_dir: str | os.PathLike[str], vocab_size: int) -> Vocab:
         add_bos=add_bos,
         chat_template=_chat_template(hf_dir, tcfg),
         ids=ids,
+        normalizer=forms,
     )
 
 
@@ -274,35 +302,50 @@ def _chat_template(hf_dir: Path, tcfg: Mapping) -> str | None:
         template = named.get("default")
     if isinstance(template, str):
         return template
-    jinja = hf_dir / "chat_template.jinja"  # where transformers 5.x saves it
-    return jinja.read_text(encoding="utf-8") if jinja.is_file() else None
+    return _read_text(hf_dir / "chat_template.jinja", "chat template", optional=True)  # where transformers 5.x saves it
+
+
+def qwen2_tensor_shapes(
+    *, n_layer: int, n_embd: int, n_head: int, n_head_kv: int, n_ff: int, n_vocab: int,
+    head_dim: int | None = None, tied_embeddings: bool = False,
+) -> dict[str, tuple[int, ...]]:
+    """GGUF name -> shape of every tensor of a Qwen2 model, in llama.cpp's order.
+
+    Shapes are [rows, cols] as in the checkpoint (torch's [out, in]); ``head_dim`` defaults to
+    ``n_embd // n_head``. A model with tied embeddings has no ``output.weight``.
+    """
+    head_dim = head_dim or n_embd // n_head
+    q, kv = n_head * head_dim, n_head_kv * head_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        "token_embd.weight": (n_vocab, n_embd),
+        "output_norm.weight": (n_embd,),
+    }
+    if not tied_embeddings:
+        shapes["output.weight"] = (n_vocab, n_embd)
+    for i in range(n_layer):
+        b = f"blk.{i}."
+        shapes |= {
+            b + "attn_norm.weight": (n_embd,),
+            b + "attn_q.weight": (q, n_embd),
+            b + "attn_q.bias": (q,),
+            b + "attn_k.weight": (kv, n_embd),
+            b + "attn_k.bias": (kv,),
+            b + "attn_v.weight": (kv, n_embd),
+            b + "attn_v.bias": (kv,),
+            b + "attn_output.weight": (n_embd, q),
+            b + "ffn_norm.weight": (n_embd,),
+            b + "ffn_gate.weight": (n_ff, n_embd),
+            b + "ffn_up.weight": (n_ff, n_embd),
+            b + "ffn_down.weight": (n_embd, n_ff),
+        }
+    return shapes
 
 
 def _expected_shapes(p: Qwen2Params) -> dict[str, tuple[int, ...]]:
-    q, kv = p.n_head * p.head_dim, p.n_head_kv * p.head_dim
-    shapes: dict[str, tuple[int, ...]] = {
-        "token_embd.weight": (p.vocab_size, p.hidden_size),
-        "output_norm.weight": (p.hidden_size,),
-    }
-    if not p.tied_embeddings:
-        shapes["output.weight"] = (p.vocab_size, p.hidden_size)
-    for i in range(p.n_layer):
-        b = f"blk.{i}."
-        shapes |= {
-            b + "attn_norm.weight": (p.hidden_size,),
-            b + "attn_q.weight": (q, p.hidden_size),
-            b + "attn_q.bias": (q,),
-            b + "attn_k.weight": (kv, p.hidden_size),
-            b + "attn_k.bias": (kv,),
-            b + "attn_v.weight": (kv, p.hidden_size),
-            b + "attn_v.bias": (kv,),
-            b + "attn_output.weight": (p.hidden_size, q),
-            b + "ffn_norm.weight": (p.hidden_size,),
-            b + "ffn_gate.weight": (p.ffn_size, p.hidden_size),
-            b + "ffn_up.weight": (p.ffn_size, p.hidden_size),
-            b + "ffn_down.weight": (p.hidden_size, p.ffn_size),
-        }
-    return shapes
+    return qwen2_tensor_shapes(
+        n_layer=p.n_layer, n_embd=p.hidden_size, n_head=p.n_head, n_head_kv=p.n_head_kv, n_ff=p.ffn_size,
+        n_vocab=p.vocab_size, head_dim=p.head_dim, tied_embeddings=p.tied_embeddings,
+    )
 
 
 def plan_tensors(entries: Mapping[str, TensorEntry], p: Qwen2Params) -> list[tuple[str, TensorEntry]]:
@@ -336,19 +379,15 @@ def _out_dtype(ndim: int, quant: str) -> np.dtype:
     return np.dtype(np.float16 if quant != "f32" and ndim >= 2 else np.float32)
 
 
-def write_gguf(
-    path: str | os.PathLike[str],
+def add_metadata(
+    w: gguf.GGUFWriter,
     name: str,
     params: Qwen2Params,
     vocab: Vocab,
-    plan: list[tuple[str, TensorEntry]],
-    fingerprint: str,
-    quant: str = "f16",
+    file_type: gguf.LlamaFileType,
+    fingerprint: str | None,
 ) -> None:
-    """Write an f32 or f16 GGUF, streaming: only one converted tensor is in memory at a time."""
-    if quant not in ("f32", "f16"):
-        raise EdgeMSError(f"--quant {quant}: write_gguf writes f32 or f16 only")
-    w = gguf.GGUFWriter(path, ARCH)
+    """The key-value part of a Qwen2 GGUF: what llama.cpp's qwen2 graph and its BPE tokenizer read."""
     w.add_name(name)
     w.add_context_length(params.context_length)
     w.add_embedding_length(params.hidden_size)
@@ -361,7 +400,7 @@ def write_gguf(
         w.add_value_length(params.head_dim)
     w.add_rope_freq_base(params.rope_theta)
     w.add_layer_norm_rms_eps(params.rms_eps)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32 if quant == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+    w.add_file_type(file_type)
 
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
@@ -378,7 +417,27 @@ def write_gguf(
     w.add_add_bos_token(vocab.add_bos)
     if vocab.chat_template:
         w.add_chat_template(vocab.chat_template)
-    w.add_string(FINGERPRINT_KEY, fingerprint)
+    if vocab.normalizer:
+        w.add_string(normalize.GGUF_KEY, normalize.to_gguf(vocab.normalizer))
+    if fingerprint is not None:
+        w.add_string(FINGERPRINT_KEY, fingerprint)
+
+
+def write_gguf(
+    path: str | os.PathLike[str],
+    name: str,
+    params: Qwen2Params,
+    vocab: Vocab,
+    plan: list[tuple[str, TensorEntry]],
+    fingerprint: str,
+    quant: str = "f16",
+) -> None:
+    """Write an f32 or f16 GGUF, streaming: only one converted tensor is in memory at a time."""
+    if quant not in ("f32", "f16"):
+        raise EdgeMSError(f"--quant {quant}: write_gguf writes f32 or f16 only")
+    w = gguf.GGUFWriter(path, ARCH)
+    file_type = gguf.LlamaFileType.ALL_F32 if quant == "f32" else gguf.LlamaFileType.MOSTLY_F16
+    add_metadata(w, name, params, vocab, file_type, fingerprint)
 
     # Tensor infos first, then the data one tensor at a time: GGUFWriter never holds the model.
     dtypes = [_out_dtype(len(e.shape), quant) for _, e in plan]

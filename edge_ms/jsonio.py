@@ -2,23 +2,19 @@
 
 Downloaded checkpoints carry config.json, tokenizer.json, a shard index and JSON shard headers;
 any of them may be damaged or hostile. Besides syntax errors that means bytes that are not
-UTF-8, nesting deep enough to exhaust Python's recursion limit, integers too long to convert,
-and files that are not regular files or are far larger than any real one.
+UTF-8, nesting deep enough to exhaust Python's recursion limit and integers too long to
+convert; files are read through edge_ms.readfile (regular files only, size-capped).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import stat
-from pathlib import Path
 
 from edge_ms.errors import fail
+from edge_ms.readfile import read_capped
 
-__all__ = ["MAX_JSON_BYTES", "load_json", "parse_json"]
-
-# The largest JSON a checkpoint holds is its tokenizer.json: about 7 MB for a 150k vocabulary.
-MAX_JSON_BYTES = 64 << 20
+__all__ = ["load_json", "parse_json"]
 
 
 def parse_json(raw: bytes | str, path: object, what: str = "") -> object:
@@ -39,28 +35,6 @@ def parse_json(raw: bytes | str, path: object, what: str = "") -> object:
     raise fail(path, f"{what}not valid JSON ({detail})")
 
 
-def load_json(path: str | os.PathLike[str], max_bytes: int = MAX_JSON_BYTES, what: str = "") -> object:
-    """The JSON in the regular file ``path``, refused unread when over ``max_bytes``."""
-    path = Path(path)
-    try:
-        # O_NONBLOCK: a FIFO planted under the expected name must not hang the open.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise fail(path, "file not found") from None
-    except OSError as err:
-        raise fail(path, f"cannot read: {err.strerror or err}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise fail(path, "not a regular file")
-        if info.st_size > max_bytes:
-            raise fail(path, f"{what}{info.st_size} bytes, larger than any real one ({max_bytes} at most)")
-        with open(fd, "rb", closefd=False) as f:
-            raw = f.read(max_bytes + 1)
-    except OSError as err:
-        raise fail(path, f"cannot read: {err.strerror or err}") from None
-    finally:
-        os.close(fd)
-    if len(raw) > max_bytes:  # grew since the stat
-        raise fail(path, f"{what}larger than any real one ({max_bytes} bytes at most)")
-    return parse_json(raw, path, what)
+def load_json(path: str | os.PathLike[str], max_bytes: int, what: str = "") -> object:
+    """The JSON in the regular file ``path``, refused unread when over ``max_bytes`` (see edge_ms.readfile)."""
+    return parse_json(read_capped(path, max_bytes, "JSON file"), path, what)

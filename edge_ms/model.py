@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
+import re
+import secrets
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -13,12 +16,17 @@ from pathlib import Path
 import llama_cpp
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from edge_ms import normalize
 from edge_ms.errors import EdgeMSError, fail
 from edge_ms.interrupts import hold_interrupt
+from edge_ms.quants import KV_BYTES_PER_VALUE, kv_bytes_per_cell
 
 log = logging.getLogger(__name__)
 
-KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
+# llama.cpp's ggml type for each KV-cache type edge_ms offers.
+KV_TYPES = {name: getattr(llama_cpp, f"GGML_TYPE_{name.upper()}") for name in KV_BYTES_PER_VALUE}
+# Tokens llama.cpp cuts out of text whole when it parses special tokens (llama_vocab's special cache).
+_SPECIAL_ATTRS = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,12 @@ class Model:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.eos = llama_cpp.llama_vocab_eos(self.vocab)
         self.bos = llama_cpp.llama_vocab_bos(self.vocab)
+        stored = self.meta(normalize.GGUF_KEY)
+        try:
+            self.normalizer = normalize.from_gguf(stored or "")
+        except ValueError as err:
+            self.close()
+            raise fail(self.path, f"{normalize.GGUF_KEY} names an unknown Unicode form {str(err)!r}") from None
 
     def close(self) -> None:
         if getattr(self, "ptr", None):
@@ -161,8 +175,14 @@ class Model:
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
+    @functools.cached_property
+    def eog_ids(self) -> tuple[int, ...]:
+        """Every end-of-generation token of the vocabulary."""
+        return tuple(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t))
+
     def tokenize(self, text: str, add_special: bool = False, parse_special: bool = True) -> list[int]:
-        data = text.encode("utf-8")
+        # The checkpoint's own normalizer first: llama.cpp's BPE does not apply it.
+        data = normalize.apply(text, self.normalizer).encode("utf-8")
         cap = len(data) + 16
         buf = (llama_cpp.llama_token * cap)()
         n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
@@ -171,6 +191,64 @@ class Model:
             buf = (llama_cpp.llama_token * cap)()
             n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
         return list(buf[:n])
+
+    @cached_property
+    def special_tokens(self) -> dict[str, int]:
+        """Text -> id of every token that special parsing makes of its text (control, added, unknown)."""
+        found: dict[str, int] = {}
+        for token in range(self.n_vocab):
+            if llama_cpp.llama_vocab_get_attr(self.vocab, token) & _SPECIAL_ATTRS:
+                found.setdefault(self.token_text(token), token)
+        found.pop("", None)
+        return found
+
+    @cached_property
+    def _special_re(self) -> re.Pattern | None:
+        # Longest first, so that of two texts starting at the same place the whole one is found.
+        texts = sorted((t for t in self.special_tokens if len(t) > 1), key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, texts))) if texts else None
+
+    def text_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` as plain text, even where it spells a special token."""
+        if self._special_re is None:
+            return self.tokenize(text, parse_special=False)
+        ids, start = [], 0
+        for m in self._special_re.finditer(text):
+            # llama.cpp matches added (user-defined) tokens even without special parsing: no piece
+            # tokenized here may hold the whole text of one.
+            ids += self.tokenize(text[start : m.start()], parse_special=False)
+            ids += self.tokenize(m.group()[0], parse_special=False) + self.text_ids(m.group()[1:])
+            start = m.end()
+        return ids + self.tokenize(text[start:], parse_special=False)
+
+    def chat_ids(self, messages: list[dict[str, str]], parse_special: bool = True) -> list[int]:
+        """Token ids of ``messages`` through the chat template.
+
+        ``parse_special=True`` is transformers' behaviour: special-token text anywhere, message contents
+        included, becomes that token. With ``False`` the contents stay text, for messages from people
+        who must not be able to write control tokens (and so other roles' turns), such as the server's.
+        """
+        if parse_special or self._special_re is None:
+            return self.tokenize(self.apply_chat_template(messages))
+        # Special-token text in a content becomes a placeholder the template passes through; the
+        # rendered prompt is cut at the placeholders, so only the template's own text is parsed.
+        # Ordinary contents render exactly as with parse_special=True.
+        mark = f"\ue000{secrets.randbelow(10**12)}:"
+        hidden: list[str] = []
+
+        def hide(m: re.Match) -> str:
+            hidden.append(m.group())
+            return f"{mark}{len(hidden) - 1}\ue001"
+
+        masked = [
+            {**msg, "content": self._special_re.sub(hide, msg["content"])} if isinstance(msg.get("content"), str) else msg
+            for msg in messages
+        ]
+        parts = re.split(f"{re.escape(mark)}(\\d+)\ue001", self.apply_chat_template(masked))
+        ids: list[int] = []
+        for i, part in enumerate(parts):
+            ids += self.text_ids(hidden[int(part)]) if i % 2 else self.tokenize(part)
+        return ids
 
     def piece(self, token: int, special: bool = False) -> bytes:
         """The bytes of one token (a multi-byte character may span several tokens)."""
@@ -210,6 +288,4 @@ class Model:
         """KV-cache bytes per token over all layers (K and V)."""
         n_head = llama_cpp.llama_model_n_head(self.ptr)
         n_head_kv = llama_cpp.llama_model_n_head_kv(self.ptr)
-        head_dim = self.n_embd // max(n_head, 1)
-        per_elem = 2.0 if kv_type == "f16" else 34 / 32  # q8_0: 32 values in 34 bytes
-        return int(self.n_layer * 2 * n_head_kv * head_dim * per_elem)
+        return int(kv_bytes_per_cell(self.n_layer, n_head_kv, self.n_embd // max(n_head, 1), kv_type))

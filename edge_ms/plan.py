@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from edge_ms.errors import EdgeMSError, fail
 from edge_ms.modes import MODES
+from edge_ms.quants import KV_BYTES_PER_VALUE, kv_bytes_per_cell
 from edge_ms.sizes import human_size
 from edge_ms.store import locate
 
@@ -31,7 +32,10 @@ __all__ = [
     "CTX_PAD",
     "ENGINE_BATCH",
     "KV_BYTES_PER_VALUE",
+    "KV_LAYOUTS",
     "PRESETS",
+    "auto_layout",
+    "layout_estimate",
     "available_memory",
     "MemoryEstimate",
     "ModelShape",
@@ -52,9 +56,8 @@ __all__ = [
     "tensor_bytes",
 ]
 
-# Bytes per cached value: f16, or q8_0 (32 values in 34 bytes).
-KV_BYTES_PER_VALUE = {"f16": 2.0, "q8_0": 34 / 32}
 CTX_PAD = 256  # llama.cpp allocates the KV cache in multiples of 256 cells
+KV_LAYOUTS = ("auto", "unified", "streams")
 ENGINE_BATCH = 512  # the engine's llama.cpp batch: prompt chunk size and tap buffer rows
 # Python, numpy, onnxruntime, llama.cpp, the tap library and what a first generation imports
 # (answer extraction pulls in sympy): the peak RSS of a run on a 7 MB fixture model, less the model.
@@ -114,9 +117,33 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def context_cells(n_prompt: int, n: int, max_new_tokens: int) -> int:
-    """KV cells a generation asks for: the shared prompt once, then each trajectory's own tokens."""
+def context_cells(n_prompt: int, n: int, max_new_tokens: int, layout: str = "unified") -> int:
+    """KV cells a generation asks for.
+
+    ``unified``: one pool holding the shared prompt once, then each trajectory's own tokens.
+    ``streams``: one stream per trajectory, each with its own copy of the prompt and room for
+    its own tokens; llama.cpp rounds every stream up to 256 cells.
+    """
+    if layout == "streams" and n > 1:
+        return n * _pad(n_prompt + max_new_tokens + 1, CTX_PAD)
     return n_prompt + n * max_new_tokens + 1
+
+
+def auto_layout(n_prompt: int, n: int, max_new_tokens: int, forks: bool = False) -> str:
+    """The KV layout that fits the work (docs/llama_cpp.md, "KV layouts").
+
+    In one unified pool every token attends over the cells of all N sequences, so a step's
+    cost grows with N x length; one stream per sequence attends only over its own prompt copy
+    and tokens. Streams pay when the trajectories' own tokens dominate the prompt and the copies
+    (with their padding) at most double the cells; the unified pool wins for a long shared prompt,
+    for one sequence, and when a strategy forks sequences (a fork is free inside one pool, a
+    whole-buffer copy across streams).
+    """
+    if n < 2 or forks or max_new_tokens < n_prompt:
+        return "unified"
+    if context_cells(n_prompt, n, max_new_tokens, "streams") > 2 * context_cells(n_prompt, n, max_new_tokens):
+        return "unified"
+    return "streams"
 
 
 def _pad(x: int, to: int) -> int:
@@ -152,7 +179,7 @@ def memory_breakdown(
     n_ff = n_ff or 4 * n_embd
     head_dim = n_embd // max(n_head, 1)
     cells = _pad(n_ctx, CTX_PAD)
-    kv = int(cells * n_layer * 2 * n_head_kv * head_dim * KV_BYTES_PER_VALUE[kv_type])
+    kv = int(cells * kv_bytes_per_cell(n_layer, n_head_kv, head_dim, kv_type))
 
     def graph(tokens: int, rows_of_logits: int) -> int:
         # Live at the widest point of a layer: the FFN's gate, up and product (n_ff wide) and
@@ -287,7 +314,7 @@ def shape_from_model(model: Model) -> ModelShape:
     return shape
 
 
-# Published MetaStone-S1 backbones (REFERENCE.md section 1; the head counts, FFN width, vocabulary
+# Published MetaStone-S1 backbones (docs/method.md, section 2; the head counts, FFN width, vocabulary
 # and context length are those of the Qwen2.5 / R1-Distill / QwQ bases they were trained from).
 PRESETS = {
     "1.5b": dict(
@@ -309,37 +336,30 @@ def qwen2_tensors(shape: ModelShape, quant: str) -> list[tuple[str, tuple[int, .
     Q4_K_M keeps the output matrix, and attn_v / ffn_down of the layers llama.cpp's
     ``use_more_bits`` picks (first and last eighth, every third in between), in Q6_K.
     """
+    from edge_ms.gguf_export import qwen2_tensor_shapes
+
     if quant not in PRESET_QUANTS:
         raise EdgeMSError(f"--quant {quant}: no size rule for it (choose from {', '.join(PRESET_QUANTS)})")
     base = {"f16": "F16", "q8_0": "Q8_0", "q4_k_m": "Q4_K"}[quant]
-    n, e, ff = shape.n_layer, shape.n_embd, shape.n_ff
-    kv = shape.n_head_kv * (e // shape.n_head)
+    n = shape.n_layer
 
-    def more_bits(i: int) -> bool:
-        return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+    def type_of(name: str, dims: tuple[int, ...]) -> str:
+        if len(dims) == 1:
+            return "F32"  # norms and biases
+        if quant != "q4_k_m":
+            return base
+        if name == "output.weight":
+            return "Q6_K"
+        if not name.endswith(("attn_v.weight", "ffn_down.weight")):
+            return base
+        i = int(name.split(".")[1])  # blk.<i>.
+        return "Q6_K" if i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2 else base
 
-    out = [
-        ("token_embd.weight", (shape.n_vocab, e), base),
-        ("output_norm.weight", (e,), "F32"),
-        ("output.weight", (shape.n_vocab, e), "Q6_K" if quant == "q4_k_m" else base),
-    ]
-    for i in range(n):
-        big = "Q6_K" if quant == "q4_k_m" and more_bits(i) else base
-        out += [
-            (f"blk.{i}.attn_norm.weight", (e,), "F32"),
-            (f"blk.{i}.attn_q.weight", (e, e), base),
-            (f"blk.{i}.attn_q.bias", (e,), "F32"),
-            (f"blk.{i}.attn_k.weight", (kv, e), base),
-            (f"blk.{i}.attn_k.bias", (kv,), "F32"),
-            (f"blk.{i}.attn_v.weight", (kv, e), big),
-            (f"blk.{i}.attn_v.bias", (kv,), "F32"),
-            (f"blk.{i}.attn_output.weight", (e, e), base),
-            (f"blk.{i}.ffn_norm.weight", (e,), "F32"),
-            (f"blk.{i}.ffn_gate.weight", (ff, e), base),
-            (f"blk.{i}.ffn_up.weight", (ff, e), base),
-            (f"blk.{i}.ffn_down.weight", (e, ff), big),
-        ]
-    return out
+    shapes = qwen2_tensor_shapes(
+        n_layer=n, n_embd=shape.n_embd, n_head=shape.n_head, n_head_kv=shape.n_head_kv, n_ff=shape.n_ff,
+        n_vocab=shape.n_vocab,
+    )
+    return [(name, dims, type_of(name, dims)) for name, dims in shapes.items()]
 
 
 def tensor_bytes(dims: tuple[int, ...], type_name: str) -> int:
@@ -373,6 +393,7 @@ class PlanRow:
     label: str  # "low" / "medium" / "high", or "n=5"
     n: int
     kv_type: str
+    kv_layout: str  # what auto chooses here: "unified" or "streams"
     max_new_tokens: int
     n_ctx: int
     estimate: MemoryEstimate
@@ -396,20 +417,32 @@ class Plan:
         return self.requested.fits
 
 
+def layout_estimate(
+    shape: ModelShape, n_prompt: int, n: int, max_new_tokens: int, kv_type: str, budget: int | None,
+    layout: str = "auto", batch: int = ENGINE_BATCH, forks: bool = False,
+) -> tuple[str, int, MemoryEstimate]:
+    """(layout, KV cells, estimate) of a generation; ``auto`` picks :func:`auto_layout` and falls
+    back to the unified pool when the streams' prompt copies would not fit ``budget``."""
+    if layout not in KV_LAYOUTS:
+        raise EdgeMSError(f"--kv-layout {layout}: unknown (choose from {', '.join(KV_LAYOUTS)})")
+    chosen = auto_layout(n_prompt, n, max_new_tokens, forks) if layout == "auto" else layout
+    n_ctx = context_cells(n_prompt, n, max_new_tokens, chosen)
+    est = shape_estimate(shape, n_ctx, n, kv_type, n_prompt, batch)
+    if layout == "auto" and chosen == "streams" and budget is not None and est.total > budget:
+        chosen = "unified"
+        n_ctx = context_cells(n_prompt, n, max_new_tokens, chosen)
+        est = shape_estimate(shape, n_ctx, n, kv_type, n_prompt, batch)
+    return chosen, n_ctx, est
+
+
 def _row(shape: ModelShape, label: str, n: int, kv_type: str, k: int, prompt: int, budget: int) -> PlanRow:
-    n_ctx = context_cells(prompt, n, k)
-    est = shape_estimate(shape, n_ctx, n, kv_type, prompt)
+    layout, n_ctx, est = layout_estimate(shape, prompt, n, k, kv_type, budget)
     over = prompt + k > shape.n_ctx_train
     return PlanRow(
-        label,
-        n,
-        kv_type,
-        k,
-        n_ctx,
-        est,
-        est.total <= budget and not over,
-        over,
-        max_new_tokens_that_fit(shape, n, kv_type, prompt, budget),
+        label=label, n=n, kv_type=kv_type, kv_layout=layout, max_new_tokens=k, n_ctx=n_ctx, estimate=est,
+        fits=est.total <= budget and not over, over_context=over,
+        # The unified pool is the smallest layout, and auto falls back to it.
+        max_fit_tokens=max_new_tokens_that_fit(shape, n, kv_type, prompt, budget),
     )
 
 
@@ -514,8 +547,8 @@ def plan_table(p: Plan):
         f"prompt {p.prompt_tokens} tokens, {p.threads} threads",
     )
     k = p.requested.max_new_tokens
-    table = Table("mode", "N", "KV cache", f"memory at {k} new tokens", "", "most new tokens that fit")
-    for col in table.columns[1:4] + table.columns[5:]:
+    table = Table("mode", "N", "KV cache", "layout", f"memory at {k} new tokens", "", "most new tokens that fit")
+    for col in table.columns[1:3] + table.columns[4:5] + table.columns[6:]:
         col.justify = "right"
     for r in p.rows:
         verdict = (
@@ -530,6 +563,7 @@ def plan_table(p: Plan):
             r.label,
             str(r.n),
             r.kv_type,
+            r.kv_layout,
             human_size(r.estimate.total),
             Text(*verdict),
             f"{r.max_fit_tokens:,}" if r.max_fit_tokens else Text("none", "red"),
@@ -552,7 +586,7 @@ def plan_table(p: Plan):
     mib = 2**20
     asked = Text.assemble(
         ("requested: ", "bold"),
-        f"{r.label} (N={r.n}), {r.max_new_tokens} new tokens, KV {r.kv_type}: {human_size(e.total)} of "
+        f"{r.label} (N={r.n}), {r.max_new_tokens} new tokens, KV {r.kv_type} {r.kv_layout}: {human_size(e.total)} of "
         f"{human_size(p.budget_bytes)}\n  ",
         verdict,
         f"\n  weights {e.weights // mib:,} + KV {e.kv_cache // mib:,} ({r.n_ctx:,} cells) + compute "

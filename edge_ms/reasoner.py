@@ -10,12 +10,12 @@ from pathlib import Path
 from edge_ms.answers import extract_answer
 from edge_ms.engine import Engine, Event, Pruner, Stats, Trajectory
 from edge_ms.errors import EdgeMSError, fail
-from edge_ms.head import Head, load_head
+from edge_ms.head import Head, check_backbone, load_head
 from edge_ms.model import DeviceSettings, Model
 from edge_ms.modes import resolve_n
 from edge_ms.plan import DEFAULT_BUDGET_FRACTION, available_memory
 from edge_ms.sampling import SamplingParams
-from edge_ms.select import STRATEGIES, PruneRule, select
+from edge_ms.select import STRATEGIES, AnswerMass, PruneRule, answer_masses, select
 from edge_ms.sizes import human_size
 from edge_ms.store import locate
 
@@ -34,6 +34,7 @@ class Candidate:
     reasoning: str = ""
     answer: str = ""
     answer_key: str | None = None  # normalised final answer, for voting
+    confidence: float | None = None  # calibrated P(answer right); None when the head has no calibration
 
     def to_json(self) -> dict:
         return {
@@ -41,7 +42,8 @@ class Candidate:
             "token_ids": self.token_ids,
             "step_positions": self.step_positions,
             "step_scores": self.step_scores,
-            "score": self.score,
+            "score": self.score,  # the raw geometric mean of the step scores
+            "confidence": self.confidence,
             "finish_reason": self.finish_reason,
         }
 
@@ -65,10 +67,16 @@ class Result:
     strategy: str = "best"
     seed: int = 0
     stats: Stats = field(default_factory=Stats)
+    answers: list[AnswerMass] = field(default_factory=list)  # each distinct answer's mass (select.answer_masses)
 
     @property
     def best(self) -> Candidate:
         return self.candidates[self.selected]
+
+    @property
+    def confidence(self) -> float | None:
+        """The calibrated confidence of the selected trajectory's answer; None without a calibration."""
+        return self.best.confidence if self.candidates else None
 
     def to_json(self) -> dict:
         return {
@@ -79,23 +87,11 @@ class Result:
             "strategy": self.strategy,
             "seed": self.seed,
             "prompt_token_ids": self.prompt_token_ids,
+            "confidence": self.confidence,
+            "answers": [asdict(a) for a in self.answers],
             "candidates": [c.to_json() for c in self.candidates],
             "stats": asdict(self.stats),
         }
-
-
-def check_head(model: Model, head: Head) -> None:
-    """Refuse a head that was not trained on this backbone."""
-    spec = head.spec
-    if spec.hidden_size != model.n_embd:
-        raise fail(head.path, f"head width {spec.hidden_size} does not match the backbone's hidden size {model.n_embd} ({model.path.name})")
-    if not 0 <= spec.layer < model.n_layer:
-        raise fail(head.path, f"head taps layer {spec.layer} but {model.path.name} has {model.n_layer} layers")
-    if spec.backbone_fingerprint != model.fingerprint:
-        raise fail(
-            head.path,
-            f"head belongs to backbone {spec.backbone_fingerprint}, not to {model.path.name} ({model.fingerprint})",
-        )
 
 
 def _split_answer(text: str, think_end: str | None) -> tuple[str, str]:
@@ -134,7 +130,7 @@ class Reasoner:
         budget = memory_bytes if memory_bytes is not None else int(available_memory() * DEFAULT_BUDGET_FRACTION)
         h = load_head(head_path)
         m = Model(gguf, settings)
-        check_head(m, h)
+        check_backbone(h, m)
         weights = m.path.stat().st_size
         if weights >= budget:
             limit = f"--memory {human_size(budget)}" if memory_bytes is not None else (
@@ -146,8 +142,11 @@ class Reasoner:
         self.engine.close()
         self.model.close()
 
-    def prompt_ids(self, prompt: str | list[dict[str, str]], raw: bool = False) -> list[int]:
-        """Token ids of the prompt, through the model's chat template unless ``raw``."""
+    def prompt_ids(self, prompt: str | list[dict[str, str]], raw: bool = False, parse_special: bool = True) -> list[int]:
+        """Token ids of the prompt, through the model's chat template unless ``raw``.
+
+        ``parse_special=False`` keeps special-token text in message contents text (``Model.chat_ids``).
+        """
         if raw:
             if not isinstance(prompt, str):
                 raise EdgeMSError("a raw prompt must be a string")
@@ -155,7 +154,7 @@ class Reasoner:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         if not messages:
             raise EdgeMSError("empty message list")
-        return self.model.tokenize(self.model.apply_chat_template(messages), add_special=False)
+        return self.model.chat_ids(messages, parse_special)
 
     def stream(
         self,
@@ -173,6 +172,8 @@ class Reasoner:
         strategy: str = "best",
         prune: Pruner | None = None,
         should_stop: Callable[[], bool] | None = None,
+        kv_layout: str = "auto",
+        parse_special: bool = True,
     ) -> Iterator[Event | Done]:
         """Like :meth:`solve`, yielding the engine's progress events, then one :class:`Done`."""
         n_seq = resolve_n(mode, n)
@@ -184,9 +185,10 @@ class Reasoner:
             prune = PruneRule()
         params = SamplingParams(temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
                                 seed=seed, max_new_tokens=max_new_tokens, stop=tuple(stop))
-        ids = self.prompt_ids(prompt, raw)
+        ids = self.prompt_ids(prompt, raw, parse_special)
         stats = Stats()
-        for event in self.engine.generate(ids, n_seq, params, prune=prune, should_stop=should_stop, stats=stats):
+        for event in self.engine.generate(ids, n_seq, params, prune=prune, should_stop=should_stop, stats=stats,
+                                          kv_layout=kv_layout):
             if event.kind != "done":
                 yield event
                 continue
@@ -194,7 +196,8 @@ class Reasoner:
             # No candidates: cancelled during the prompt.
             chosen = select(cands, strategy) if cands else -1
             yield Done(Result(mode=mode, n=n_seq, selected=chosen, answer=cands[chosen].answer if cands else "",
-                              prompt_token_ids=ids, candidates=cands, strategy=strategy, seed=seed, stats=stats))
+                              prompt_token_ids=ids, candidates=cands, strategy=strategy, seed=seed, stats=stats,
+                              answers=answer_masses(cands)))
 
     def solve(self, prompt: str | list[dict[str, str]], mode: str = "medium", n: int | None = None,
               on_event: Callable[[Event], None] | None = None, **kwargs) -> Result:
@@ -214,4 +217,5 @@ class Reasoner:
             index=traj.index, text=text, token_ids=list(traj.tokens), step_positions=positions,
             step_scores=scores, score=traj.score(), finish_reason=traj.finish_reason,
             reasoning=reasoning, answer=answer, answer_key=extract_answer(answer or text),
+            confidence=self.head.confidence(traj.score()),
         )

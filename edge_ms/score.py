@@ -1,6 +1,6 @@
 """Where a step is scored: which positions count as reasoning steps, and a trajectory's score.
 
-The rules follow the published MetaStone-S1 evaluation (REFERENCE.md section 3):
+The rules follow the published MetaStone-S1 evaluation (docs/method.md, section 3):
 
 1. delimiter positions are those holding a step-delimiter token;
 2. only the first delimiter of a run counts;

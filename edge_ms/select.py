@@ -15,6 +15,8 @@ class Scored(Protocol):
     score: float
     answer_key: str | None
     finish_reason: str
+    # Optional: the calibrated confidence of the trajectory (edge_ms.calibrate); None when uncalibrated.
+    # confidence: float | None
 
 
 # Trajectories cut short by pruning or cancellation have no answer of their own to offer.
@@ -56,6 +58,37 @@ def majority_vote(cands: Sequence[Scored]) -> int:
 def weighted_vote(cands: Sequence[Scored]) -> int:
     """Final answer with the largest sum of trajectory scores."""
     return _vote(cands, lambda c: c.score)
+
+
+@dataclass(frozen=True)
+class AnswerMass:
+    """One distinct final answer among N trajectories: how many gave it, and its calibrated mass."""
+
+    answer: str
+    count: int
+    mass: float | None  # None when the trajectories carry no calibrated confidence
+
+
+def answer_masses(cands: Sequence[Scored]) -> list[AnswerMass]:
+    """Each distinct final answer of the finished trajectories, largest mass (else count) first.
+
+    ``mass(a) = sum(confidence of the trajectories that answered a) / N``, N the number of
+    finished trajectories (those without a final answer included). A trajectory's confidence
+    estimates the probability that it is right, and a trajectory is right exactly when its
+    answer is, so ``mass(a)`` is the expected share of the N trajectories that are right with
+    answer ``a``: it is at most the best confidence among them and grows with their number.
+    The masses sum to the expected share of right trajectories; the rest of 1 is the share
+    expected wrong (or without an answer). None when a trajectory has no confidence.
+    """
+    idx = _eligible(cands)
+    confs = [getattr(cands[i], "confidence", None) for i in idx]
+    calibrated = bool(idx) and all(c is not None for c in confs)
+    groups: dict[str, list[float]] = defaultdict(list)
+    for i, conf in zip(idx, confs):
+        if cands[i].answer_key is not None:
+            groups[cands[i].answer_key].append(conf if calibrated else 0.0)
+    out = [AnswerMass(k, len(v), sum(v) / len(idx) if calibrated else None) for k, v in groups.items()]
+    return sorted(out, key=lambda a: (-(a.mass or 0.0), -a.count))
 
 
 def select(cands: Sequence[Scored], strategy: str = "best") -> int:

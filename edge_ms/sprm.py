@@ -3,8 +3,10 @@
 ``train_sprm`` is what ``edge-ms train-sprm`` runs. Trajectories are sampled by the same
 engine and the same tap that serve users, so the head trains on exactly the hidden states it
 will see; each trajectory is labelled by whether its final answer is right (math-verify),
-truncated ones are left out (REFERENCE.md section 4), and the head is trained with the SPR
-loss in numpy (``edge_ms.train``).
+truncated ones are left out (docs/method.md, section 6), and the head is trained with the SPR
+loss in numpy (``edge_ms.train``). ``calibrate_sprm`` (``edge-ms calibrate``) samples labelled
+problems the same way and stores a calibration of the trajectory scores in a head
+(``edge_ms.calibrate``); ``train_sprm`` fits one too, on validation problems it did not train on.
 """
 
 from __future__ import annotations
@@ -16,22 +18,23 @@ import logging
 import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from edge_ms.answers import extract_answer, is_correct
 from edge_ms.atomic import atomic_write
+from edge_ms.calibrate import FitReport, ece, fit, plot_reliability
 from edge_ms.engine import Engine
 from edge_ms.errors import EdgeMSError, fail
-from edge_ms.head import HeadSpec, load_head, write_head
+from edge_ms.head import Head, HeadSpec, check_backbone, load_head, write_head
 from edge_ms.model import DeviceSettings, Model
 from edge_ms.sampling import SamplingParams
 from edge_ms.score import trajectory_score
 from edge_ms.select import best_of_n, majority_vote, weighted_vote
 from edge_ms.tasks import Problem, chat_messages
-from edge_ms.train import EpochLog, auc, init_head, plot_scores, train_head
+from edge_ms.train import EpochLog, auc, init_head, plot_scores, step_scores, train_head
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +73,8 @@ def default_spec(model: Model, delimiter: str | None = None, layer: int | None =
     layer = model.n_layer - 2 if layer is None else layer
     if not 0 <= layer < model.n_layer:
         raise EdgeMSError(f"--layer {layer}: {model.path.name} has {model.n_layer} layers")
-    return HeadSpec(layer, model.n_embd, tuple(ids), think_start, think_end, model.fingerprint)
+    return HeadSpec(layer=layer, hidden_size=model.n_embd, step_delimiter_ids=tuple(ids), think_start_id=think_start,
+                    think_end_id=think_end, backbone_fingerprint=model.fingerprint)
 
 
 def _single_token(model: Model, text: str) -> int | None:
@@ -146,6 +150,8 @@ def _sample_shard(engine, indexed, n, seed, max_new_tokens, temperature, top_p, 
             ids, params = request(model, prob, i, seed, max_new_tokens, temperature, top_p)
             path = _cache_path(cache, engine, ids, n, params)
             got = load_samples(path, i) if path is not None and path.exists() else None
+            for s in got or ():  # the cache is keyed by prompt, not by answer: label again
+                s.correct = is_correct(s.text, prob.answer)
             if got is None:
                 trajs = next(ev.trajectories for ev in engine.generate(ids, n, params) if ev.kind == "done")
                 got = []
@@ -201,13 +207,21 @@ def arrays(samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray, np.ndarra
     feats, labels, traj = [], [], []
     for j, s in enumerate(samples):
         if not s.finished or len(s.rows) == 0:
-            continue  # truncated trajectories have no trustworthy label (REFERENCE.md section 4)
+            continue  # truncated trajectories have no trustworthy label (docs/method.md, section 6)
         feats.append(s.rows)
         labels.append(np.full(len(s.rows), float(s.correct)))
         traj.append(np.full(len(s.rows), j))
     if not feats:
         raise EdgeMSError("no finished trajectory with a scored step: raise --max-new-tokens or check --delimiter")
     return np.concatenate(feats).astype(np.float32), np.concatenate(labels), np.concatenate(traj)
+
+
+def best_indices(samples: Sequence[Sample], n: int | None = None) -> list[int]:
+    """Index into ``samples`` of the trajectory best-of-N selects for each problem (of its first ``n``)."""
+    by_problem: dict[int, list[int]] = {}
+    for j, s in enumerate(samples):
+        by_problem.setdefault(s.problem, []).append(j)
+    return [idx[best_of_n([samples[j] for j in idx[:n]])] for idx in by_problem.values()]
 
 
 def rescore(samples: Sequence[Sample], score_rows: Callable[[np.ndarray], np.ndarray]) -> None:
@@ -271,6 +285,44 @@ class TrainReport:
     heldout: dict = field(default_factory=dict)
     before: dict = field(default_factory=dict)
     epochs: list[EpochLog] = field(default_factory=list)
+    calibration: CalibrationReport | None = None
+
+
+def _check_out(out: str | Path) -> Path:
+    out = Path(out)
+    if not out.name.endswith(".sprm.onnx"):
+        raise fail(out, "the head file name must end in .sprm.onnx")
+    if not out.parent.is_dir():
+        raise fail(out.parent, "output directory does not exist")
+    return out
+
+
+def _beside(out: Path, suffix: str) -> Path:
+    """``NAME.sprm.onnx`` -> ``NAME<suffix>`` in the same folder."""
+    return out.with_name(out.name[: -len(".sprm.onnx")] + suffix)
+
+
+def _counter(on_progress, phase: str, total: int):
+    done = itertools.count(1)  # problems finish out of order with several workers
+    return lambda _i, _got: on_progress and on_progress(phase, next(done), total)
+
+
+def _sample_phases(model: Model, spec: HeadSpec, weights: dict, phases: dict[str, tuple[Sequence[Problem], int]],
+                   config: TrainConfig, on_progress, cache) -> dict[str, list[Sample]]:
+    """Sample each phase's problems (with its seed) on a head of ``spec``: only its tap positions matter."""
+    with tempfile.TemporaryDirectory() as tmp:
+        boot = Path(tmp) / "start.sprm.onnx"
+        write_head(boot, weights, spec)
+        engine = Engine(model, load_head(boot), keep_rows=True)
+        try:
+            out = {}
+            for phase, (problems, seed) in phases.items():
+                out[phase] = sample(engine, problems, config.n, seed, config.max_new_tokens, config.temperature,
+                                    workers=config.workers, cache=cache,
+                                    on_problem=_counter(on_progress, phase, len(problems)))
+            return out
+        finally:
+            engine.close()
 
 
 def train_sprm(
@@ -284,74 +336,134 @@ def train_sprm(
     on_progress: Callable[[str, int, int], None] | None = None,
     on_epoch: Callable[[EpochLog], None] | None = None,
     cache: str | Path | None = None,
+    calib_problems: Sequence[Problem] = (),
 ) -> TrainReport:
     """Sample, label, train and write ``out`` (the head), ``out``.log.json and ``out``.png.
 
     ``cache``: a directory for the sampled trajectories (see :func:`sample`).
+    ``calib_problems``: validation problems (neither trained on nor held out) whose trajectories
+    calibrate the trained head's scores (:func:`calibrate_sprm`); none: the head has no calibration.
     """
-    out = Path(out)
-    if not out.name.endswith(".sprm.onnx"):
-        raise fail(out, "the head file name must end in .sprm.onnx")
-    if not out.parent.is_dir():
-        raise fail(out.parent, "output directory does not exist")
+    out = _check_out(out)
     model = Model(gguf, settings)
     try:
         if init is not None:
             start = load_head(init)
-            spec, weights = start.spec, start.weights()
-            if spec.backbone_fingerprint != model.fingerprint or spec.hidden_size != model.n_embd:
-                raise fail(init, f"head belongs to another backbone than {model.path.name}")
+            check_backbone(start, model)
+            spec, weights = replace(start.spec, calibration=None), start.weights()  # new weights, new calibration
         else:
             spec = default_spec(model, config.delimiter, config.layer)
             weights = init_head(model.n_embd, config.seed)
-        with tempfile.TemporaryDirectory() as tmp:
-            boot = Path(tmp) / "start.sprm.onnx"
-            write_head(boot, weights, spec)
-            head = load_head(boot)
-            engine = Engine(model, head, keep_rows=True)
-            try:
-                def progress(phase: str, total: int):
-                    done = itertools.count(1)  # problems finish out of order with several workers
-                    return lambda _i, _got: on_progress and on_progress(phase, next(done), total)
-
-                tr = sample(engine, train_problems, config.n, config.seed, config.max_new_tokens, config.temperature,
-                            on_problem=progress("train", len(train_problems)), workers=config.workers, cache=cache)
-                ho = sample(engine, heldout_problems, config.n, config.seed + 1, config.max_new_tokens,
-                            config.temperature, on_problem=progress("held-out", len(heldout_problems)),
-                            workers=config.workers, cache=cache)
-            finally:
-                engine.close()
-        rescore(ho, head.score)
-        before = evaluate(ho, config.n)
-        x, y, t = arrays(tr)
-        # The held-out curve is optional: a tiny held-out set may have no finished trajectory.
-        held = arrays(ho) if any(s.finished and len(s.rows) for s in ho) else None
-        trained, epochs = train_head(
-            x, y, t, init_weights=weights if init is not None else None, epochs=config.epochs, lr=config.lr,
-            seed=config.seed, warmup_epochs=config.warmup_epochs, heldout=held, on_epoch=on_epoch,
-        )
-        provenance = {"trained_by": "edge-ms train-sprm", "config": json.dumps(asdict(config))}
-        write_head(out, trained, spec, provenance=provenance)
-        final = load_head(out)
-        rescore(ho, final.score)
-        after = evaluate(ho, config.n)
+        phases = {"train": (train_problems, config.seed), "held-out": (heldout_problems, config.seed + 1),
+                  "validation": (calib_problems, config.seed + 2)}
+        got = _sample_phases(model, spec, weights, phases, config, on_progress, cache)
     finally:
         model.close()
-    stem = out.name[: -len(".sprm.onnx")]
-    log_path = out.with_name(stem + ".train.json")
-    plot_path = out.with_name(stem + ".train.png")
-    report = TrainReport(out, log_path, plot_path, asdict(config), int(len(np.unique(t))), after, before, epochs)
-    _write_json(log_path, {
+    tr, ho, va = got["train"], got["held-out"], got["validation"]
+    x, y, t = arrays(tr)
+    # The held-out curve is optional: a tiny held-out set may have no finished trajectory.
+    held = arrays(ho) if any(s.finished and len(s.rows) for s in ho) else None
+    rescore(ho, lambda rows: step_scores(weights, rows))
+    before = evaluate(ho, config.n)
+    trained, epochs = train_head(
+        x, y, t, init_weights=weights if init is not None else None, epochs=config.epochs, lr=config.lr,
+        seed=config.seed, warmup_epochs=config.warmup_epochs, heldout=held, on_epoch=on_epoch,
+    )
+    provenance = {"trained_by": "edge-ms train-sprm", "config": json.dumps(asdict(config))}
+    write_head(out, trained, spec, provenance=provenance)
+    final = load_head(out)
+    rescore(ho, final.score)
+    after = evaluate(ho, config.n)
+    report = TrainReport(out, _beside(out, ".train.json"), _beside(out, ".train.png"), asdict(config),
+                         int(len(np.unique(t))), after, before, epochs)
+    if va:
+        rescore(va, final.score)
+        report.calibration = _store_calibration(final, va, out, trained, provenance, "edge-ms train-sprm", config,
+                                                task=f"{len(calib_problems)} validation problems")
+    _write_json(report.log_path, {
         "head": str(out), "config": asdict(config), "spec": asdict(spec),
         "train": {"problems": len(train_problems), "trajectories": len(tr),
                   "finished": sum(s.finished for s in tr), "correct": sum(s.correct for s in tr),
                   "used_trajectories": report.train_trajectories, "steps": int(len(y))},
         "heldout_before": before, "heldout_after": after,
+        "calibration": report.calibration.fit.summary() if report.calibration else None,
         "epochs": [asdict(e) for e in epochs],
     })
-    if not plot_scores(epochs, plot_path):
+    if not plot_scores(epochs, report.plot_path):
         report.plot_path = None
     return report
+
+
+@dataclass
+class CalibrationReport:
+    head: Path
+    log_path: Path
+    plot_path: Path | None
+    fit: FitReport
+    shown: dict = field(default_factory=dict)  # the same for the confidence solve shows (best-of-N)
+
+
+def calibrate_sprm(
+    gguf: str | Path,
+    head_path: str | Path,
+    problems: Sequence[Problem],
+    out: str | Path,
+    config: TrainConfig,
+    settings: DeviceSettings | None = None,
+    method: str = "auto",
+    on_progress: Callable[[str, int, int], None] | None = None,
+    cache: str | Path | None = None,
+    task: str = "",
+) -> CalibrationReport:
+    """Sample ``problems`` with the head at ``head_path``, fit a calibration of its trajectory scores
+    to whether their answers are right, and write the head with it to ``out`` (same weights), with
+    ``out``.calib.json (the fit) and ``out``.calib.png (the reliability diagram) beside it.
+
+    ``out`` may be ``head_path`` itself: it is replaced whole or not at all. Of ``config`` only the
+    sampling fields (n, seed, max_new_tokens, temperature, workers) are used. ``task`` says where
+    the problems come from, for the log.
+    """
+    from edge_ms.reasoner import check_head
+
+    out = _check_out(out)
+    head = load_head(head_path)
+    weights, provenance = head.weights(), head.provenance()  # read now: ``out`` may replace the file
+    model = Model(gguf, settings)
+    try:
+        check_head(model, head)
+        got = _sample_phases(model, replace(head.spec, calibration=None), weights,
+                             {"validation": (problems, config.seed)}, config, on_progress, cache)["validation"]
+    finally:
+        model.close()
+    rescore(got, head.score)
+    return _store_calibration(head, got, out, weights, provenance, "edge-ms calibrate", config, method, task)
+
+
+def _store_calibration(head: Head, samples: Sequence[Sample], out: Path, weights: dict, provenance: dict,
+                       by: str, config: TrainConfig, method: str = "auto", task: str = "") -> CalibrationReport:
+    """Fit on ``samples`` (scored by ``head``), write ``out`` with the calibration, the fit log and the diagram."""
+    report = fit([s.score for s in samples], [s.correct for s in samples], [s.problem for s in samples], method)
+    sampling = {"task": task, **{k: getattr(config, k) for k in ("n", "seed", "max_new_tokens", "temperature")}}
+    provenance = {**provenance, "calibrated_by": json.dumps({"by": by, **sampling, "problems": report.problems})}
+    write_head(out, weights, replace(head.spec, calibration=report.calibration), provenance=provenance)
+    log_path, plot_path = _beside(out, ".calib.json"), _beside(out, ".calib.png")
+    right = np.array([s.correct for s in samples], dtype=float)
+    chosen = best_indices(samples)
+    shown = {"problems": len(chosen), "accuracy": float(right[chosen].mean()),
+             "mean_confidence": float(report.confidences[chosen].mean()),
+             "ece_10_bins": ece(report.confidences[chosen], right[chosen]),
+             "out_of_fold_ece_10_bins": ece(report.oof_confidences[chosen], right[chosen])}
+    _write_json(log_path, {"head": out.name, "by": by, "sampling": sampling, **report.summary(),
+                           "finished": sum(s.finished for s in samples), "shown_best_of_n": shown,
+                           "note": "ece_10_bins: of the stored calibration on these trajectories; out_of_fold: "
+                                   "each fold of problems predicted by a calibration fitted without it; "
+                                   "shown_best_of_n: the confidence solve shows, each problem's best-scored "
+                                   "trajectory's"})
+    c = report.calibration
+    title = (f"{out.name}: {c.method}\n{report.trajectories} trajectories of {report.problems} problems, "
+             f"ECE {report.ece:.3f} (out of fold {report.oof_ece:.3f})")
+    ok = plot_reliability(report.confidences, [s.correct for s in samples], plot_path, title)
+    return CalibrationReport(out, log_path, plot_path if ok else None, report, shown)
 
 
 def _write_json(path: Path, data: dict) -> None:

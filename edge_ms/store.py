@@ -14,9 +14,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_ms.atomic import replace_dir
 from edge_ms.default_model import default_model_files
 from edge_ms.errors import EdgeMSError, fail
 from edge_ms.head import load_head
+from edge_ms.quants import QUANT_PREFERENCE, QUANTS
 
 __all__ = [
     "QUANTS",
@@ -31,12 +33,6 @@ __all__ = [
     "resolve_model",
     "store_root",
 ]
-
-QUANTS = ("f32", "f16", "q8_0", "q4_k_m")
-# With several GGUFs and no --quant, the smallest that is still good: decoding on a device is
-# bound by memory bandwidth, q4_k_m (about 4.8 bits per weight, llama.cpp's usual default) reads
-# under a third of f16's bytes per token, q8_0 is close to lossless, f16/f32 are references.
-QUANT_PREFERENCE = ("q4_k_m", "q8_0", "f16", "f32")
 
 HEAD_SUFFIX = ".sprm.onnx"
 # Only what the converter reads: no original PyTorch .bin weights, no ONNX/other exports.
@@ -228,17 +224,9 @@ def _install(out: Path, dest: Path, gguf_name: str, name: str, repo_id: str, for
                 f"holds another backbone ({old_fp or 'unreadable head'}) than {repo_id} ({new_fp}); "
                 "pass --name to store it beside, or --force to replace it",
             )
-    # A new entry, or a forced replacement of another backbone: swap whole directories.
-    if dest.exists():
-        old = out.parent / "old"
-        os.replace(dest, old)
-        try:
-            os.replace(out, dest)
-        except BaseException:
-            os.replace(old, dest)  # put the previous entry back
-            raise
-    else:
-        os.replace(out, dest)
+    # A new entry, or a forced replacement of another backbone: swap whole directories (the old
+    # one is set aside in the staging directory, which the caller removes).
+    replace_dir(out, dest, out.parent / "old")
     return ModelFiles(name, dest / gguf_name, dest / f"{name}{HEAD_SUFFIX}")
 
 

@@ -76,8 +76,8 @@ class ArithConfig:
 
     min_ops: int = 2
     max_ops: int = 2
-    # 2187 distinct problems, 442 of them in the test split; SmolLM2-135M is already weak at
-    # two steps, and starting values up to 20 made it weaker still (pass@1 10%).
+    # 2187 distinct problems, 442 of them in the test split. Small numbers: SmolLM2-135M is
+    # already weak at two steps, and larger ones made it weaker (docs/experiments.md, section 3).
     start_range: tuple[int, int] = (1, 10)
     k_range: tuple[int, int] = (1, 9)
     ops: tuple[str, ...] = ("+", "-")  # any of "+", "-", "*" (doubles / triples)
@@ -189,12 +189,10 @@ def make_problems(split: str, n: int, seed: int, config: ArithConfig = DEFAULT_A
 # ---------------------------------------------------------------------------------------
 # Chat prompts. The runtime applies the GGUF's chat template to these messages.
 #
-# Designed on SmolLM2-135M-Instruct (temperature 0.7, 8 samples per problem, 20 problems
-# per variant, two operations on numbers up to 10): equations alone after two worked
-# examples gave pass@1 5-8%; four or eight examples 7%; each step restating the action
-# before its equation ("Tom buys 3 more: 5 + 3 = 8.") 14% with eight examples and 16%
-# with twelve (oracle@8 40-55%). The model mostly mistakes which operation a phrase means
-# and miscopies numbers; restating the phrase ties each equation to its words.
+# Each worked step restates its action before the equation ("Tom buys 3 more: 5 + 3 = 8."):
+# a small model mostly mistakes which operation a phrase means and miscopies numbers, and
+# restating the phrase ties each equation to its words (the variants measured are in
+# docs/experiments.md, section 3).
 
 _SYSTEM = "Solve the word problem. Write one calculation per line. End with: The answer is N."
 

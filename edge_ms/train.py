@@ -4,11 +4,11 @@ The head is Linear(c, 2c) - ReLU - Dropout(0.5) - Linear(2c, 1); its weights use
 PyTorch state-dict names ("0.weight" [2c, c], "0.bias" [2c], "3.weight" [1, 2c],
 "3.bias" [1]) so that a trained head exports like a published one.
 
-The loss (REFERENCE.md section 4): every scored step of a trajectory takes the trajectory's
-label y (1: the final answer is right). A step counts only when its logit already agrees
-with y; kept positive and negative steps are balanced by their counts; the loss is the
-weighted mean BCE-with-logits. The agreement filter and the weights are masks and
-constants: no gradient flows through them.
+The loss (docs/method.md, section 6): every scored step of a trajectory takes the
+trajectory's label y (1: the final answer is right). A step counts only when its logit
+already agrees with y; kept positive and negative steps are balanced by their counts; the
+loss is the weighted mean BCE-with-logits. The agreement filter and the weights are masks
+and constants: no gradient flows through them.
 
 Why training can learn nothing, and what is done about it. The filter drops every step
 whose logit has the wrong sign, and nothing pulls a dropped step back: a head whose logits
@@ -17,15 +17,13 @@ all have one sign keeps only that label's steps and just pushes them further (th
 1.5 times the negatives in total, so the output bias drifts up; each negative that crosses
 zero leaves the loss for good, and on frozen features (we do not train the backbone; the
 published recipe trains it jointly, though with its gradient into the backbone scaled by
-1e-4) the run can end with every step kept positive and every score near 1. On toy data
-that is how most runs ended whose initial logits sat near zero (output layer scaled by 0.01).
-What works here: features are standardised per dimension (the standardisation is folded
-into the first layer at the end, exactly, so the head still takes raw hidden states), a
-fresh head starts with PyTorch's default init in that standardised space, so initial logits
-spread over both signs and each label starts with a random half of its steps kept, and
-``warmup_epochs`` of the class-balanced BCE without the filter can precede the SPR loss.
-On toy data the scores then stay together for some epochs and the incorrect ones drop
-suddenly, the "aha" curve the paper reports.
+1e-4) the run can end with every step kept positive and every score near 1. So: features
+are standardised per dimension (the standardisation is folded into the first layer at the
+end, exactly, so the head still takes raw hidden states), a fresh head starts with
+PyTorch's default init in that standardised space, so initial logits spread over both signs
+and each label starts with a random half of its steps kept, and ``warmup_epochs`` of the
+class-balanced BCE without the filter can precede the SPR loss. The measurements behind
+this and behind the defaults are in docs/experiments.md (sections 1 and 2).
 """
 
 from __future__ import annotations
@@ -302,11 +300,8 @@ def train_head(
     class-balanced BCE without the agreement filter. With ``standardize`` the head trains on
     per-dimension standardised features and the standardisation is folded into the first
     layer at the end, so the returned head takes raw hidden states. ``on_epoch(EpochLog)`` is
-    called after each epoch.
-
-    Defaults, measured on SmolLM2-135M arithmetic (180 train problems x 8 samples, 60 held
-    out): the SPR loss from the first epoch drove every score to ~0 (held-out AUC 0.41) even
-    at lr 1e-4; five warm-up epochs then SPR at lr 1e-4 reached AUC 0.66; lr 1e-3 overfitted.
+    called after each epoch. The defaults (lr 1e-4, 5 warm-up epochs) are those that trained
+    best on the embedded model's arithmetic (docs/experiments.md, section 1).
     """
     tr = _split(features, labels, traj_ids, "train")
     ho = _split(*heldout, "heldout") if heldout is not None else None

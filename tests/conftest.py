@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import edge_ms  # noqa: F401  (before any test imports llama_cpp: docs/llama_cpp.md, section 5)
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 # The fixture models are tiny: one thread is faster than two, and llama.cpp's spinning
@@ -28,6 +30,22 @@ def converted(tmp_path_factory):
             convert(FIXTURES / name, out, quant=quant)
             cache[(name, quant)] = out
         return cache[(name, quant)]
+
+    return get
+
+
+@pytest.fixture
+def calibrated_head(converted, tmp_path):
+    """``calibrated_head(calibration)`` -> the tiny-qwen2 fixture head, same weights, with ``calibration``."""
+    from dataclasses import replace
+
+    from edge_ms.head import load_head, write_head
+
+    def get(calibration, name: str = "tiny-qwen2"):
+        head = load_head(converted(name, "f32") / f"{name}.sprm.onnx")
+        path = tmp_path / f"{name}-calibrated.sprm.onnx"
+        write_head(path, head.weights(), replace(head.spec, calibration=calibration))
+        return path
 
     return get
 

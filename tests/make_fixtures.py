@@ -670,7 +670,7 @@ def verify(model_dir: Path, record: dict, npz_path: Path, built: Qwen2ForCausalL
 
 
 # Hand-worked cases of the position rules: ids use 9 = delimiter, 1 = <think>, 2 = </think>.
-# They pin this module's reading of REFERENCE.md section 3 where the prose could be read two ways.
+# They pin this module's reading of the rules in docs/method.md (section 3) where the prose could be read two ways.
 STEP_RULE_CASES = [
     ("basic: first of run, shift, window", [5, 1, 5, 9, 5, 9, 9, 5, 2, 5, 9], [2, 4]),
     ("delimiter run right after <think> is dropped whole", [1, 9, 9, 5, 9], [3]),

@@ -3,7 +3,7 @@
 Built on transformers + tokenizers and deliberately free of any edge_ms import: the runtime is
 checked against this module, so the two must not share code. It follows the published
 "score server" path: one full forward pass over the finished sequence, the SPRM head on
-``hidden_states[-2]``, and the evaluation-code position rules of REFERENCE.md section 3.
+``hidden_states[-2]``, and the evaluation-code position rules of docs/method.md, section 3.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def hidden_and_logits(model: Qwen2ForCausalLM, ids: list[int]) -> tuple[np.ndarr
 def step_positions(
     ids: list[int], delimiter_ids: list[int], think_start_id: int, think_end_id: int
 ) -> list[int]:
-    """Positions whose hidden state is scored (REFERENCE.md section 3, evaluation variant)."""
+    """Positions whose hidden state is scored (docs/method.md, section 3, evaluation variant)."""
     delims = set(delimiter_ids)
     n = len(ids)
     # Rule 5 bounds: a marker counts only when it occurs exactly once.

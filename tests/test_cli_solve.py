@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -11,7 +13,8 @@ import time
 
 import pytest
 
-from edge_ms.head import HeadSpec, load_head, write_head
+from edge_ms.calibrate import Calibration
+from edge_ms.head import load_head, write_head
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -41,6 +44,9 @@ def test_json_output(converted):
         assert 0 < len(c["token_ids"]) <= 40
         assert len(c["step_positions"]) == len(c["step_scores"])
         assert all(0 <= p < n_prompt + len(c["token_ids"]) for p in c["step_positions"])
+        assert c["confidence"] is None  # the converted head carries no calibration
+    assert out["confidence"] is None and out["not_sure"] is False and out["min_confidence"] is None
+    assert sum(a["count"] for a in out["answers"]) <= 3 and all(a["mass"] is None for a in out["answers"])
     # The chat template was applied: the prompt opens the think block.
     assert out["prompt_token_ids"][-1] != out["prompt_token_ids"][0]
 
@@ -77,8 +83,7 @@ def test_head_of_another_backbone_is_refused(converted, tmp_path):
     model_dir = converted("tiny-qwen2", "f32")
     head = load_head(model_dir / "tiny-qwen2.sprm.onnx")
     spec = head.spec
-    foreign = HeadSpec(spec.layer, spec.hidden_size, spec.step_delimiter_ids, spec.think_start_id,
-                       spec.think_end_id, "0123456789abcdef")
+    foreign = dataclasses.replace(spec, backbone_fingerprint="0123456789abcdef")
     write_head(tmp_path / "foreign.sprm.onnx", head.weights(), foreign)
     line = one_line_error(run("solve", "Hi", "--model", str(model_dir / "tiny-qwen2-f32.gguf"),
                               "--head", str(tmp_path / "foreign.sprm.onnx"), "--n", "2"))
@@ -90,6 +95,51 @@ def test_head_of_another_width_is_refused(converted):
     line = one_line_error(run("solve", "Hi", "--model", str(converted("tiny-qwen2", "f32") / "tiny-qwen2-f32.gguf"),
                               "--head", str(other), "--n", "2"))
     assert "head width 64 does not match" in line
+
+
+def test_head_with_a_token_id_past_the_vocabulary_is_refused(converted, tmp_path):
+    # llama.cpp aborts the process (std::out_of_range) when asked about such an id, and gdb's
+    # backtrace lands on stdout: the id must be refused before, with --json output left empty.
+    model_dir = converted("tiny-qwen2", "f32")
+    head = load_head(model_dir / "tiny-qwen2.sprm.onnx")
+    write_head(tmp_path / "ids.sprm.onnx", head.weights(), dataclasses.replace(head.spec, think_end_id=600))
+    proc = run("solve", "Hi", "--model", str(model_dir / "tiny-qwen2-f32.gguf"),
+               "--head", str(tmp_path / "ids.sprm.onnx"), "--n", "2", "--json")
+    line = one_line_error(proc)
+    assert proc.stdout == ""
+    assert "ids.sprm.onnx: think_end_id 600 is not a token of tiny-qwen2-f32.gguf" in line
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def test_min_confidence_says_not_sure(converted, calibrated_head):
+    gguf = str(converted("tiny-qwen2", "f32") / "tiny-qwen2-f32.gguf")
+    # Whatever the score, this head says: right one time in ten.
+    head = str(calibrated_head(Calibration("platt", a=0.0, b=_logit(0.1))))
+    base = ["solve", "What is 6 times 7?", "--model", gguf, "--head", head, "--n", "2", "--seed", "4",
+            "--max-new-tokens", "24"]
+    proc = run(*base, "--min-confidence", "0.5")
+    assert proc.returncode == 0, proc.stderr
+    first, *rest = proc.stdout.splitlines()
+    assert first == "not sure: the answer below has a calibrated confidence of 0.10, under --min-confidence 0.50"
+    assert "confidence 0.10 (score " in proc.stderr
+    out = json.loads(run(*base, "--min-confidence", "0.5", "--json").stdout)
+    assert out["not_sure"] is True and out["min_confidence"] == 0.5
+    assert out["confidence"] == pytest.approx(0.1)
+    assert all(c["confidence"] == pytest.approx(0.1) for c in out["candidates"])
+    assert all(a["mass"] == pytest.approx(0.1 * a["count"] / 2) for a in out["answers"])
+    sure = run(*base, "--min-confidence", "0.05")
+    assert sure.returncode == 0 and "not sure" not in sure.stdout
+
+
+def test_min_confidence_needs_a_calibrated_head(converted):
+    line = one_line_error(run("solve", "Hi", "--model", str(converted("tiny-qwen2", "f32")), "--n", "2",
+                              "--min-confidence", "0.5"))
+    assert "needs a calibrated head" in line and "tiny-qwen2.sprm.onnx" in line
+    line = one_line_error(run("solve", "Hi", "--model", str(converted("tiny-qwen2", "f32")), "--min-confidence", "2"))
+    assert "must be a probability" in line
 
 
 @pytest.mark.parametrize("args,needle", [(["--mode", "extreme"], "unknown mode"), (["--n", "0"], "at least one"),

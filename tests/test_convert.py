@@ -7,6 +7,8 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 import zipfile
 from functools import cache
 from pathlib import Path
@@ -23,11 +25,11 @@ from edge_ms import convert as convert_mod
 from edge_ms.cli import main
 from edge_ms.convert import fingerprint
 from edge_ms.head import load_head
+from edge_ms.quants import QUANTS
 from edge_ms.safetensors_io import open_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MODELS = ["tiny-qwen2", "tiny-qwen2-sharded"]
-QUANTS = ["f32", "f16", "q8_0", "q4_k_m"]
 
 
 def run_convert(*args: str):
@@ -88,6 +90,36 @@ def test_llama_cpp_tokenizes_like_tokenizers(converted, model):
             assert vocab.detokenize(ids, special=True).decode() == text, name  # and back
     finally:
         vocab.close()
+
+
+# Texts whose bytes change under normalization: decomposed accents, a ligature, full-width digits.
+NORMALIZE_TEXTS = ["cafe\u0301", "A\u030a", "cafe\u0301 and caf\u00e9, A\u030angstr\u00f6m",
+                   "\ufb01nd \uff11\uff12 <think>e\u0301</think>", "plain ascii"]
+
+
+@pytest.mark.parametrize(
+    "normalizer",
+    [{"type": "NFC"}, {"type": "NFKC"}, {"type": "Sequence", "normalizers": [{"type": "NFD"}, {"type": "NFKC"}]},
+     {"type": "NFD"}, None],
+    ids=["nfc", "nfkc", "sequence", "nfd", "none"],
+)
+def test_runtime_tokenizes_like_tokenizers_after_normalization(tmp_path, normalizer):
+    from tokenizers import Tokenizer
+
+    from edge_ms.model import Model
+
+    hf = tmp_path / "m"
+    shutil.copytree(FIXTURES / "tiny-qwen2", hf)
+    _edit_json(hf / "tokenizer.json", lambda t: t.update(normalizer=normalizer))
+    result = run_convert(str(hf), "-o", str(tmp_path / "out"), "--quant", "f32")
+    assert result.exit_code == 0, result.output
+    want = Tokenizer.from_file(str(hf / "tokenizer.json"))
+    model = Model(tmp_path / "out" / "m-f32.gguf")
+    try:
+        for text in NORMALIZE_TEXTS:
+            assert model.tokenize(text) == want.encode(text, add_special_tokens=False).ids, text
+    finally:
+        model.close()
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -221,6 +253,12 @@ def _narrow_head(hf: Path) -> None:
     torch.save(h.state_dict(), hf / "score_module.pt")
 
 
+def _sparse(path: Path, size: int) -> None:
+    path.unlink()
+    with open(path, "wb") as f:
+        f.truncate(size)  # a hole: no disk used, but a reader sees `size` bytes
+
+
 def _truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 4096])
@@ -273,17 +311,37 @@ BAD_INPUTS = {
         "names shard 'model-00003-of-00003.safetensors', which does not exist",
     ),
     "malicious_head": ("tiny-qwen2", _malicious_head, "score_module.pt", "refused global"),
+    "lowercase_normalizer": (
+        "tiny-qwen2",
+        lambda hf, m: _edit_json(
+            hf / "tokenizer.json",
+            lambda t: t.update(
+                normalizer={"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Lowercase"}]}
+            ),
+        ),
+        "tokenizer.json",
+        "normalizer Lowercase is not supported (only NFC, NFD, NFKC, NFKD and Sequences of them)",
+    ),
+    "replace_normalizer": (
+        "tiny-qwen2",
+        lambda hf, m: _edit_json(
+            hf / "tokenizer.json",
+            lambda t: t.update(normalizer={"type": "Replace", "pattern": {"String": " "}, "content": "_"}),
+        ),
+        "tokenizer.json",
+        "normalizer Replace is not supported",
+    ),
+    "huge_tokenizer": (
+        "tiny-qwen2",
+        lambda hf, m: _sparse(hf / "tokenizer.json", (64 << 20) + 1),
+        "tokenizer.json",
+        "is 67108865 bytes; a JSON file is at most 64 MiB",
+    ),
     "deep_config": (
         "tiny-qwen2",
         lambda hf, m: (hf / "config.json").write_text("[" * 100_000 + "]" * 100_000),
         "config.json",
         "not valid JSON (nested too deeply)",
-    ),
-    "config_not_utf8": (
-        "tiny-qwen2",
-        lambda hf, m: (hf / "config.json").write_bytes(b'{"a": "\xff"}'),
-        "config.json",
-        "not valid JSON (not UTF-8 at byte 7)",
     ),
     "config_is_a_directory": (
         "tiny-qwen2",
@@ -331,6 +389,43 @@ def test_bad_input_is_one_error_line_and_leaves_nothing(tmp_path, case):
     assert "Traceback" not in result.output
     assert not out.exists() and list(work.iterdir()) == []  # no output, no temp dir
     assert not marker.exists()
+
+
+def _to_device(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    path.symlink_to("/dev/zero")
+
+
+def _to_fifo(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+
+
+def _limit_memory() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "config.json", "chat_template.jinja"])
+@pytest.mark.parametrize("make", [_to_device, _to_fifo], ids=["dev-zero", "fifo"])
+def test_special_files_are_refused_without_hanging_or_filling_memory(tmp_path, name, make):
+    # A subprocess with a time and memory bound: the old reader hung on a FIFO and read /dev/zero
+    # until memory ran out, which must fail this test rather than the machine.
+    hf = tmp_path / "m"
+    shutil.copytree(FIXTURES / "tiny-qwen2", hf)
+    if name == "chat_template.jinja":  # read only where tokenizer_config.json has no template
+        _edit_json(hf / "tokenizer_config.json", lambda t: t.pop("chat_template"))
+    make(hf / name)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_ms.cli", "convert", str(hf), "-o", str(out)],
+        capture_output=True, text=True, timeout=120, preexec_fn=_limit_memory,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    what = "chat template" if name.endswith(".jinja") else "JSON file"
+    assert proc.stderr == f"error: {hf / name}: not a regular file (a {what} must be one, not a device, FIFO or directory)\n"
+    assert not out.exists()
 
 
 def test_unknown_quant_is_one_line(tmp_path):

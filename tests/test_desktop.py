@@ -141,3 +141,18 @@ def test_a_model_that_cannot_load_is_one_message(app_module, qapp, tmp_path):
         assert win.error in win.answer.toPlainText()
     finally:
         close(qapp, win)
+
+
+def test_card_shows_calibrated_confidence_beside_the_raw_score(app_module, qapp):
+    from PySide6.QtGui import QFontDatabase
+
+    card = app_module.TrajectoryCard(0, QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont))
+    card.apply(app_module.Update("step", 0, step_score=1e-10, score=1e-5, confidence=0.156))
+    card.refresh()
+    header = card.header.text()
+    # A head's raw score (1e-05) only ranks; the calibrated confidence is what a person reads.
+    assert "confidence 0.16" in header and "score 1e-05" in header
+    card.apply(app_module.Update("finish", 0, score=1e-5, finish_reason="stop"))  # an uncalibrated head
+    card.refresh()
+    assert "confidence" not in card.header.text() and "score 0.000" in card.header.text()
+    card.deleteLater()

@@ -19,14 +19,19 @@ def torch_side():
     return reference.load_model(FIXTURES / "tiny-qwen2")
 
 
+LAYOUTS = ("unified", "streams")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("quant,tol", [("f32", 2e-3), ("f16", 2e-2)])
-def test_runtime_scores_equal_second_pass_reference(converted, torch_side, quant, tol):
+def test_runtime_scores_equal_second_pass_reference(converted, torch_side, quant, tol, layout):
     model, _, head = torch_side
     r = Reasoner.load(converted("tiny-qwen2", quant))
     try:
-        res = r.solve("Compute 12 * 7 step by step.", n=4, seed=11, max_new_tokens=80)
+        res = r.solve("Compute 12 * 7 step by step.", n=4, seed=11, max_new_tokens=80, kv_layout=layout)
     finally:
         r.close()
+    assert res.stats.kv_layout == layout
     spec = {k: getattr(r.head.spec, k) for k in SPEC_KEYS}
     ref_scores = []
     n_steps = 0
@@ -85,7 +90,8 @@ def test_stop_strings_and_length(converted):
     assert hit, "the stop string ends the candidate that produced it, and is cut from its text"
 
 
-def test_finished_sequences_free_their_cells(converted):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_finished_sequences_free_their_cells(converted, layout):
     import llama_cpp
 
     from edge_ms.sampling import SamplingParams
@@ -94,7 +100,7 @@ def test_finished_sequences_free_their_cells(converted):
     try:
         ids = r.prompt_ids("Free the cells.")
         seen = []
-        for ev in r.engine.generate(ids, 3, SamplingParams(seed=9, max_new_tokens=12)):
+        for ev in r.engine.generate(ids, 3, SamplingParams(seed=9, max_new_tokens=12), kv_layout=layout):
             if ev.kind == "finish":
                 mem = llama_cpp.llama_get_memory(r.engine._ctx)
                 seen.append(llama_cpp.llama_memory_seq_pos_max(mem, ev.index))
@@ -104,7 +110,7 @@ def test_finished_sequences_free_their_cells(converted):
     assert seen == [len(ids) - 1] * 3
 
 
-def _run(engine, ids, n=3, seed=4):
+def _run(engine, ids, n=3, seed=4, layout="unified"):
     from edge_ms.engine import Stats
     from edge_ms.sampling import SamplingParams
 
@@ -112,24 +118,25 @@ def _run(engine, ids, n=3, seed=4):
     # Greedy: reusing the prefix changes micro-batch composition, which moves logits by
     # ~1e-4 (as llama.cpp's cache_prompt does); enough to flip a sampled token now and then.
     params = SamplingParams(seed=seed, max_new_tokens=40, temperature=0.0)
-    done = [ev for ev in engine.generate(ids, n, params, stats=stats) if ev.kind == "done"][0]
+    done = [ev for ev in engine.generate(ids, n, params, stats=stats, kv_layout=layout) if ev.kind == "done"][0]
     cands = [t.tracker.candidates for t in done.trajectories]
     return [(t.tokens, [q for q, _ in c], [x for _, x in c]) for t, c in zip(done.trajectories, cands)], stats
 
 
-def test_shared_prompt_prefix_is_decoded_once_and_changes_nothing(converted):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_shared_prompt_prefix_is_decoded_once_and_changes_nothing(converted, layout):
     # A few-shot prefix with step delimiters in it, so the reused part holds scored rows too.
     shots = "Step one.\n\nStep two.\n\nStep three.\n\n" * 3
     r = Reasoner.load(converted("tiny-qwen2", "f32"))
     fresh = Reasoner.load(converted("tiny-qwen2", "f32"))
     try:
         a_ids, b_ids = r.prompt_ids(shots + "Add 3 and 4."), r.prompt_ids(shots + "Add 5 and 9.")
-        _, first = _run(r.engine, a_ids)
-        got, second = _run(r.engine, b_ids)
-        want, _ = _run(fresh.engine, b_ids)
-        again, third = _run(r.engine, b_ids, n=2)
+        _, first = _run(r.engine, a_ids, layout=layout)
+        got, second = _run(r.engine, b_ids, layout=layout)
+        want, _ = _run(fresh.engine, b_ids, layout=layout)
+        again, third = _run(r.engine, b_ids, n=2, layout=layout)
         fresh.engine.close_context()
-        want_again, _ = _run(fresh.engine, b_ids, n=2)
+        want_again, _ = _run(fresh.engine, b_ids, n=2, layout=layout)
     finally:
         r.close()
         fresh.close()
@@ -169,3 +176,49 @@ def test_onnx_is_loaded_before_llama_cpp():
             "print(m.index('onnxruntime') < m.index('llama_cpp') and m.index('onnx') < m.index('llama_cpp'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "True", out.stderr
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cancelling_frees_every_cell_and_the_next_run_is_unaffected(converted, layout):
+    import llama_cpp
+
+    from edge_ms.sampling import SamplingParams
+
+    r = Reasoner.load(converted("tiny-qwen2", "f32"))
+    try:
+        ids = r.prompt_ids("Cancel me.")
+        params = SamplingParams(seed=3, max_new_tokens=40, temperature=0.0)
+        tokens = 0
+
+        def stop() -> bool:
+            return tokens >= 12
+
+        for ev in r.engine.generate(ids, 4, params, should_stop=stop, kv_layout=layout):
+            tokens += ev.kind == "token"
+        done = ev
+        mem = llama_cpp.llama_get_memory(r.engine._ctx)
+        cells = [llama_cpp.llama_memory_seq_pos_max(mem, s) for s in range(4)]
+        again = [ev for ev in r.engine.generate(ids, 2, params, kv_layout=layout)][-1]
+        r.engine.close_context()
+        fresh = [ev for ev in r.engine.generate(ids, 2, params, kv_layout=layout)][-1]
+    finally:
+        r.close()
+    assert {t.finish_reason for t in done.trajectories} == {"cancelled"}
+    assert cells == [-1] * 4
+    assert [t.tokens for t in again.trajectories] == [t.tokens for t in fresh.trajectories]
+
+
+def test_ignore_eos_runs_every_trajectory_to_its_length(converted):
+    from edge_ms.sampling import SamplingParams
+
+    r = Reasoner.load(converted("tiny-qwen2", "f32"))
+    try:
+        eog = set(r.model.eog_ids)
+        plain = r.solve("Stop early.", n=4, seed=2, max_new_tokens=60, temperature=1.0)
+        params = SamplingParams(seed=2, max_new_tokens=60, temperature=1.0, ignore_eos=True)
+        done = list(r.engine.generate(r.prompt_ids("Stop early."), 4, params))[-1]
+    finally:
+        r.close()
+    assert eog and any(c.finish_reason == "stop" for c in plain.candidates), "the fixture should stop sometimes"
+    assert all(len(t.tokens) == 60 and t.finish_reason == "length" for t in done.trajectories)
+    assert not eog & {tok for t in done.trajectories for tok in t.tokens}

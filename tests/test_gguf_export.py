@@ -77,6 +77,7 @@ def test_vocab_types_padding_and_specials():
     assert len(v.merges) == len(tok["model"]["merges"]) and all(m.count(" ") == 1 for m in v.merges)
     assert v.bos_id == v.ids["<｜begin▁of▁sentence｜>"] and v.eos_id == v.ids["<｜end▁of▁sentence｜>"]
     assert v.add_bos is True and v.chat_template == tcfg["chat_template"]
+    assert tok["normalizer"] == {"type": "NFC"} and v.normalizer == ("NFC",)
 
 
 def test_non_qwen2_pretokenizer_is_refused(tmp_path):
@@ -120,6 +121,7 @@ def test_written_gguf_metadata_and_tensors(tmp_path, quant):
         "tokenizer.ggml.eos_token_id": vocab.eos_id,
         "tokenizer.ggml.add_bos_token": True,
         "edge_ms.backbone_fingerprint": "0123456789abcdef",
+        "edge_ms.tokenizer.normalizer": "NFC",  # the fixture's tokenizer.json declares NFC
     }
     assert {k: _field(r, k) for k in expect} == expect
     assert _field(r, "qwen2.attention.layer_norm_rms_epsilon") == pytest.approx(1e-6)
@@ -142,13 +144,18 @@ def test_written_gguf_metadata_and_tensors(tmp_path, quant):
         np.testing.assert_array_equal(data, src.astype(data.dtype))
 
 
-def test_quantize_writes_the_requested_types(tmp_path):
+def _tiny_f16(path: Path) -> Path:
+    """The tiny-qwen2 fixture as an f16 GGUF with fingerprint "fp"."""
     hf = FIXTURES / "tiny-qwen2"
     params = gguf_export.read_params(hf / "config.json")
     vocab = gguf_export.read_vocab(hf, params.vocab_size)
     plan = gguf_export.plan_tensors(open_checkpoint(hf), params)
-    f16 = tmp_path / "m-f16.gguf"
-    gguf_export.write_gguf(f16, "m", params, vocab, plan, "fp", "f16")
+    gguf_export.write_gguf(path, "m", params, vocab, plan, "fp", "f16")
+    return path
+
+
+def test_quantize_writes_the_requested_types(tmp_path):
+    f16 = _tiny_f16(tmp_path / "m-f16.gguf")
     types = {}
     for quant in ("q8_0", "q4_k_m"):
         out = tmp_path / f"m-{quant}.gguf"
@@ -162,12 +169,7 @@ def test_quantize_writes_the_requested_types(tmp_path):
 
 
 def test_tokenize_with_written_vocab(tmp_path):
-    hf = FIXTURES / "tiny-qwen2"
-    params = gguf_export.read_params(hf / "config.json")
-    vocab = gguf_export.read_vocab(hf, params.vocab_size)
-    plan = gguf_export.plan_tensors(open_checkpoint(hf), params)
-    path = tmp_path / "m.gguf"
-    gguf_export.write_gguf(path, "m", params, vocab, plan, "fp", "f16")
+    path = _tiny_f16(tmp_path / "m.gguf")
     ref = json.loads((FIXTURES / "reference" / "tiny-qwen2.json").read_text())
     assert gguf_export.tokenize(path, ".\n\n") == tuple(ref["spec"]["step_delimiter_ids"])
     assert gguf_export.tokenize(path, "<think>", parse_special=False) == (ref["spec"]["think_start_id"],)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from edge_ms.errors import EdgeMSError
-from edge_ms.head import HeadSpec, load_head, write_head
+from edge_ms.head import HeadSpec, check_backbone, load_head, write_head
 
 C = 64
 
@@ -171,8 +172,8 @@ def _good(tmp_path: Path, name: str = "bad.sprm.onnx") -> Path:
 @pytest.mark.parametrize(
     ("make", "needle"),
     [
-        (lambda p: None, "no such head file"),
-        (lambda p: p.mkdir(), "not a file"),
+        (lambda p: None, "head file not found"),
+        (lambda p: p.mkdir(), "not a regular file"),
         (lambda p: p.write_bytes(b"\x00\xff garbage, not protobuf \x13\x37" * 10), "not an ONNX file"),
         (lambda p: p.write_bytes(b""), "no graph"),
     ],
@@ -244,16 +245,136 @@ def test_missing_initializer_gives_one_line(tmp_path: Path) -> None:
     _assert_one_line(err, path, "['3.bias'] missing")
 
 
-def test_broken_graph_gives_one_line(tmp_path: Path) -> None:
+def _set_node(index: int, **fields):
+    def mutate(model: onnx.ModelProto) -> None:
+        node = model.graph.node[index]
+        for key, value in fields.items():
+            if key == "attrs":
+                del node.attribute[:]
+                node.attribute.extend(helper.make_attribute(k, v) for k, v in value.items())
+            elif key in ("input", "output"):
+                del getattr(node, key)[:]
+                getattr(node, key).extend(value)
+            else:
+                setattr(node, key, value)
+
+    return mutate
+
+
+def _drop_sigmoid(model: onnx.ModelProto) -> None:
+    # The logit goes straight to the reshape: scores are no longer probabilities.
+    nodes = [n for n in model.graph.node if n.op_type != "Sigmoid"]
+    nodes[-1].input[0] = "logit"
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
+def _set_initializer(name: str, array: np.ndarray):
+    def mutate(model: onnx.ModelProto) -> None:
+        for t in model.graph.initializer:
+            if t.name == name:
+                t.CopyFrom(numpy_helper.from_array(array, name=name))
+
+    return mutate
+
+
+def _external(location: str):
+    def mutate(model: onnx.ModelProto) -> None:
+        t = next(t for t in model.graph.initializer if t.name == "0.weight")
+        t.ClearField("raw_data")
+        t.data_location = onnx.TensorProto.EXTERNAL
+        t.external_data.add(key="location", value=location)
+        t.external_data.add(key="offset", value="0")
+        t.external_data.add(key="length", value=str(4 * 2 * C * C))
+
+    return mutate
+
+
+def _claim_width(c: int):
+    # Metadata, input and weight headers claim a width the file's data cannot hold.
+    def mutate(model: onnx.ModelProto) -> None:
+        _set_meta("edge_ms.hidden_size", str(c))(model)
+        model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = c
+        for t in model.graph.initializer:
+            if t.name in ("0.weight", "0.bias", "3.weight"):
+                shape = {"0.weight": (2 * c, c), "0.bias": (2 * c,), "3.weight": (1, 2 * c)}[t.name]
+                del t.dims[:]
+                t.dims.extend(shape)
+
+    return mutate
+
+
+def _extra_initializer(model: onnx.ModelProto) -> None:
+    model.graph.initializer.append(numpy_helper.from_array(np.ones((C, 1), np.float32), name="big"))
+    model.graph.node[2].input[1] = "big"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "needle"),
+    [
+        (_set_node(1, op_type="NoSuchOp"), "node 1 (NoSuchOp): an SPRM head graph uses only Gemm"),
+        (_set_node(1, op_type="Expand"), "node 1 (Expand): an SPRM head graph uses only"),
+        (_set_node(1, input=["hidden_states"]), "node 1 (Relu) does not continue the chain"),
+        (_extra_initializer, "node 2 (Gemm) reads 'big', which is not one of the head's own tensors"),
+        (_set_node(0, attrs={"transB": 0}), "onnxruntime cannot load the head"),
+        (_drop_sigmoid, "scores outside [0, 1]"),
+        (_set_initializer("flat_shape", np.array([1, -1], np.int64)), "gives float32 of shape [1, 3] for 3 rows"),
+        (_set_initializer("flat_shape", np.array([1], np.int64)), "fails on a probe batch of 3 rows"),
+        (_set_initializer("0.bias", np.full(2 * C, np.nan, np.float32)), "weight 0.bias holds NaN or infinite"),
+        (_set_initializer("3.bias", np.array([np.inf], np.float32)), "weight 3.bias holds NaN or infinite"),
+        (_set_initializer("3.bias", np.array([1], np.int32)), "weight 3.bias has ONNX type INT32"),
+        (_external("/etc/passwd"), "tensor '0.weight' refers to data outside the file ('/etc/passwd')"),
+        (_external("../../secret.bin"), "refers to data outside the file ('../../secret.bin')"),
+        (_claim_width(4096), "weight 0.weight is malformed: its data does not fill shape [8192, 4096]"),
+        (_set_meta("edge_ms.hidden_size", str(10**9)), "edge_ms.hidden_size is 1000000000, not a width in 1..16384"),
+    ],
+    ids=["unknown-op", "expand", "not-a-chain", "foreign-tensor", "ort-rejects", "no-sigmoid", "row-shape",
+         "fixed-length", "nan", "inf", "int-weight", "external-abs", "external-rel", "huge-dims", "huge-width"],
+)
+def test_hostile_graphs_give_one_line(tmp_path: Path, mutate, needle: str) -> None:
     path = _good(tmp_path)
-
-    def bad_op(model: onnx.ModelProto) -> None:
-        model.graph.node[1].op_type = "NoSuchOp"
-
-    _rewrite(path, bad_op)
+    _rewrite(path, mutate)
     with pytest.raises(EdgeMSError) as err:
         load_head(path)
-    _assert_one_line(err, path, "onnxruntime cannot load the head")
+    _assert_one_line(err, path, needle)
+
+
+def test_torch_style_n_by_1_output_is_accepted(tmp_path: Path) -> None:
+    # A graph without the final reshape gives [n, 1], as torch's export of the Sequential does.
+    path = _good(tmp_path)
+
+    def keep_column(model: onnx.ModelProto) -> None:
+        del model.graph.node[-1]
+        model.graph.node[-1].output[0] = "step_score"
+
+    _rewrite(path, keep_column)
+    x = np.random.default_rng(5).standard_normal((4, C)).astype(np.float32)
+    got = load_head(path).score(x)
+    assert got.shape == (4,) and got.dtype == np.float32
+    np.testing.assert_allclose(got, _numpy_head(_weights(), x), atol=1e-6)
+
+
+def test_file_far_larger_than_its_head_is_refused(tmp_path: Path) -> None:
+    path = _good(tmp_path)
+
+    def pad(model: onnx.ModelProto) -> None:
+        model.graph.initializer.append(numpy_helper.from_array(np.zeros(1 << 19, np.float32), name="ballast"))
+
+    _rewrite(path, pad)
+    with pytest.raises(EdgeMSError) as err:
+        load_head(path)
+    _assert_one_line(err, path, f"far more than a head of hidden_size {C} needs")
+
+
+def test_fifo_and_device_are_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.sprm.onnx"
+    os.mkfifo(fifo)
+    zero = tmp_path / "zero.sprm.onnx"
+    zero.symlink_to("/dev/zero")
+    for path in (fifo, zero):
+        with pytest.raises(EdgeMSError) as err:
+            load_head(path)
+        _assert_one_line(err, path, "not a regular file")
 
 
 @pytest.mark.parametrize(
@@ -326,3 +447,25 @@ def test_failed_first_write_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
         write_head(path, _weights(), _spec())
     monkeypatch.undo()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("think_end_id", 600), ("think_start_id", 512), ("step_delimiter_ids", (257, 10**6))],
+)
+def test_token_ids_outside_the_vocabulary_are_refused(converted, tmp_path: Path, key: str, value) -> None:
+    from edge_ms.model import Model
+
+    model_dir = converted("tiny-qwen2", "f32")
+    good = load_head(model_dir / "tiny-qwen2.sprm.onnx")
+    path = tmp_path / "ids.sprm.onnx"
+    write_head(path, good.weights(), dataclasses.replace(good.spec, **{key: value}))
+    model = Model(model_dir / "tiny-qwen2-f32.gguf")
+    try:
+        check_backbone(good, model)  # the converted head itself belongs
+        with pytest.raises(EdgeMSError) as err:
+            check_backbone(load_head(path), model)
+    finally:
+        model.close()
+    bad = value if isinstance(value, int) else value[1]
+    _assert_one_line(err, path, f"{key} {bad} is not a token of tiny-qwen2-f32.gguf (vocabulary of 512)")

@@ -28,7 +28,7 @@ from edge_ms.plan import (
 )
 
 GIB = 2**30
-# MetaStone-S1-1.5B's shape (REFERENCE.md section 1) with a made-up file size.
+# MetaStone-S1-1.5B's shape (docs/method.md, section 2) with a made-up file size.
 S15 = ModelShape("s1-1.5b", 1_000_000_000, 28, 1536, 12, 2, 8960, 151936, 131072)
 
 
@@ -208,7 +208,7 @@ def test_the_engine_refuses_exactly_what_the_plan_says_does_not_fit(converted):
     assert k >= 600
     r = Reasoner.load(model_dir, memory_bytes=budget)
     try:
-        assert r.engine.plan_context(n_prompt, n, k) == context_cells(n_prompt, n, k)
+        assert r.engine.plan_context(n_prompt, n, k).n_ctx == context_cells(n_prompt, n, k)
         with pytest.raises(EdgeMSError, match=r"KV cache.*over the budget"):
             r.engine.plan_context(n_prompt, n, k + 1)
     finally:

@@ -1,4 +1,4 @@
-"""The step rules (REFERENCE.md section 3) against the reference outputs made with PyTorch."""
+"""The step rules (docs/method.md, section 3) against the reference outputs made with PyTorch."""
 
 from __future__ import annotations
 

@@ -6,7 +6,15 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from edge_ms.select import PruneRule, best_of_n, majority_vote, select, weighted_vote
+from edge_ms.select import (
+    AnswerMass,
+    PruneRule,
+    answer_masses,
+    best_of_n,
+    majority_vote,
+    select,
+    weighted_vote,
+)
 
 
 @dataclass
@@ -14,6 +22,7 @@ class C:
     score: float
     answer_key: str | None
     finish_reason: str = "stop"
+    confidence: float | None = None
 
 
 def test_best_of_n_takes_highest_score_first_on_ties():
@@ -30,6 +39,17 @@ def test_majority_and_weighted_vote_differ():
     assert cands[majority_vote(cands)].answer_key == "7"
     assert cands[weighted_vote(cands)].answer_key == "8"
     assert weighted_vote(cands) == 3  # the best-scored member of the winning answer
+
+
+def test_answer_masses_are_shares_of_the_n_trajectories():
+    cands = [C(0.1, "7", confidence=0.2), C(0.1, "7", confidence=0.2), C(0.1, "7", confidence=0.2),
+             C(0.9, "8", confidence=0.6), C(0.8, "8", confidence=0.5), C(0.5, None, confidence=0.1),
+             C(0.99, "9", "pruned", confidence=0.9)]  # a pruned trajectory has no answer to offer
+    # N = 6 finished trajectories, the one without an answer included.
+    assert answer_masses(cands) == [AnswerMass("8", 2, pytest.approx(1.1 / 6)), AnswerMass("7", 3, pytest.approx(0.1))]
+    # Without calibrated confidences: the counts alone, most frequent first.
+    plain = [C(c.score, c.answer_key, c.finish_reason) for c in cands]
+    assert answer_masses(plain) == [AnswerMass("7", 3, None), AnswerMass("8", 2, None)]
 
 
 def test_vote_without_answers_falls_back_to_best():

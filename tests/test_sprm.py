@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -43,20 +46,62 @@ def test_train_sprm_cli_writes_head_log_and_plot(converted, tmp_path):
     out = tmp_path / "mine.sprm.onnx"
     cmd = [sys.executable, "-m", "edge_ms.cli", "train-sprm", "--model", str(model_dir / "tiny-qwen2-f32.gguf"),
            "--task", str(task), "-o", str(out), "--n", "3", "--max-new-tokens", "400", "--epochs", "3",
-           "--workers", "2", "--cache", str(tmp_path / "cache")]
+           "--workers", "2", "--cache", str(tmp_path / "cache"), "--train-problems", "6", "--calib-problems", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     head = load_head(out)
     fixture_head = load_head(model_dir / "tiny-qwen2.sprm.onnx")
     # A fresh head for a think model: ".\n\n" steps, the think markers, layer n_layer - 2, this backbone.
-    assert head.spec == fixture_head.spec
+    assert replace(head.spec, calibration=None) == fixture_head.spec
     log = json.loads(out.with_name("mine.train.json").read_text())
-    assert len(log["epochs"]) == 4 and log["train"]["problems"] == 8
-    assert len(list((tmp_path / "cache").iterdir())) == 10  # 8 train + 2 held-out problems, kept for a rerun
+    assert len(log["epochs"]) == 4 and log["train"]["problems"] == 6
+    assert len(list((tmp_path / "cache").iterdir())) == 10  # 6 train, 2 validation, 2 held-out: kept for a rerun
     assert out.with_name("mine.train.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Calibrated on the 2 validation problems (the 2 the first 80% leaves after 6 train problems).
+    assert head.spec.calibration is not None and log["calibration"]["trajectories"] == 6
+    assert log["calibration"]["problems"] == 2 and "calibration: platt" in proc.stdout
+    assert out.with_name("mine.calib.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # No clobbering without --force.
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def test_calibrate_cli_stores_a_calibration_without_losing_the_head(converted, tmp_path):
+    model_dir = converted("tiny-qwen2", "f32")
+    mine = tmp_path / "mine.sprm.onnx"
+    mine.write_bytes((model_dir / "tiny-qwen2.sprm.onnx").read_bytes())
+    original = mine.read_bytes()
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n" for i in range(4)))
+    base = [sys.executable, "-m", "edge_ms.cli", "calibrate", "--model", str(model_dir / "tiny-qwen2-f32.gguf"),
+            "--head", str(mine), "--task", str(task), "--n", "3", "--max-new-tokens", "60", "--workers", "2",
+            "--cache", str(tmp_path / "cache")]
+    out = tmp_path / "calibrated.sprm.onnx"
+    proc = subprocess.run([*base, "-o", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert mine.read_bytes() == original  # a new file: the head it started from is untouched
+    head, before = load_head(out), load_head(mine)
+    assert replace(head.spec, calibration=None) == before.spec
+    for key, w in before.weights().items():
+        np.testing.assert_array_equal(head.weights()[key], w)
+    log = json.loads(out.with_name("calibrated.calib.json").read_text())
+    assert (log["trajectories"], log["problems"], log["right"]) == (12, 4, 0)
+    # The random fixture model never states an answer, so none of its 12 is right, and the
+    # calibrated confidence says so: Platt's smoothed target for no right answer, 1 / (12 + 2).
+    assert head.spec.calibration.method == "platt"
+    assert head.confidence(0.9) == pytest.approx(1 / 14) and head.confidence(1e-9) == pytest.approx(1 / 14)
+    assert out.with_name("calibrated.calib.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "calibration: platt" in proc.stdout and "12 trajectories of 4 problems" in proc.stdout
+    assert json.loads(head.provenance()["calibrated_by"])["problems"] == 4
+
+    # In place only with --force; the samples come from the cache the first run kept.
+    refused = subprocess.run(base, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [
+        f"error: {mine}: already exists (use --force to replace it, or -o NEW.sprm.onnx)"]
+    assert mine.read_bytes() == original
+    forced = subprocess.run([*base, "--force"], capture_output=True, text=True, timeout=600)
+    assert forced.returncode == 0, forced.stderr
+    assert load_head(mine).spec == head.spec
 
 
 def _engine(converted):
@@ -114,3 +159,44 @@ def test_unreadable_cache_file_is_resampled_not_fatal(converted, tmp_path):
         engine.model.close()
     assert [s.text for s in again] == [s.text for s in first]
     assert np.load(path)["rows_0"].shape == first[0].rows.shape  # rewritten whole
+
+
+def test_train_sprm_shows_a_training_bar_after_the_sampling_bars(converted, tmp_path):
+    model_dir = converted("tiny-qwen2", "f32")
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n" for i in range(5)))
+    # As on a terminal: rich draws its bars only there (plain text, fixed width).
+    env = {**os.environ, "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1", "NO_COLOR": "1", "TERM": "xterm",
+           "COLUMNS": "120"}
+    cmd = [sys.executable, "-m", "edge_ms.cli", "train-sprm", "--model", str(model_dir / "tiny-qwen2-f32.gguf"),
+           "--task", str(task), "-o", str(tmp_path / "bar.sprm.onnx"), "--n", "2", "--max-new-tokens", "400",
+           "--epochs", "3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr
+    screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "\n", proc.stdout)
+    rows = [line.strip() for line in re.split(r"[\r\n]", screen) if "━" in line]
+    last = {r.split("━")[0].split(" (")[0].strip(): r for r in rows}  # each bar as last drawn
+    assert set(last) == {"sampling train", "sampling held-out", "training"}, rows
+    assert all(" 100% " in r for r in last.values()), last
+
+
+def test_cached_samples_are_labelled_against_the_answers_asked_now(converted, tmp_path):
+    """The cache is keyed by prompt; a task file whose answers changed must not reuse old labels."""
+    from edge_ms.sprm import Sample, _cache_path, request, sample, save_samples
+    from edge_ms.tasks import Problem
+
+    engine = _engine(converted)
+    try:
+        prob = Problem("What is 2 + 2?", "4")
+        ids, params = request(engine.model, prob, 0, seed=1, max_new_tokens=20, temperature=0.7)
+        path = _cache_path(tmp_path, engine, ids, 1, params)
+        # As if an earlier run (with answer "4") had sampled and labelled this trajectory.
+        save_samples(path, [Sample(0, "2 + 2 = 4.\n\nThe answer is 4.", "stop", True, "4",
+                                   np.zeros((1, engine.model.n_embd), np.float32), 12)])
+        same = sample(engine, [prob], 1, seed=1, max_new_tokens=20, cache=tmp_path)
+        fixed = sample(engine, [Problem("What is 2 + 2?", "5")], 1, seed=1, max_new_tokens=20, cache=tmp_path)
+    finally:
+        engine.close()
+        engine.model.close()
+    assert [s.text for s in same] == [s.text for s in fixed] == ["2 + 2 = 4.\n\nThe answer is 4."]  # from the cache
+    assert same[0].correct and not fixed[0].correct

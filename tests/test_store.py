@@ -114,7 +114,10 @@ def _handmade(directory: Path, name: str, quants: tuple[str, ...], fingerprint: 
         "3.weight": rng.standard_normal((1, 2 * c)).astype(np.float32),
         "3.bias": np.zeros(1, np.float32),
     }
-    write_head(directory / f"{name}.sprm.onnx", weights, HeadSpec(0, c, (5,), None, None, fingerprint))
+    write_head(directory / f"{name}.sprm.onnx", weights, HeadSpec(
+        layer=0, hidden_size=c, step_delimiter_ids=(5,), think_start_id=None, think_end_id=None,
+        backbone_fingerprint=fingerprint,
+    ))
     for q in quants:
         _write_gguf(directory / f"{name}-{q}.gguf")
 

@@ -65,6 +65,7 @@ class Update:
     step_score: float | None = None
     score: float = 0.0
     finish_reason: str | None = None
+    confidence: float | None = None  # the running score calibrated, when the head has a calibration
 
 
 class Worker(QObject):
@@ -111,6 +112,7 @@ class Worker(QObject):
     @Slot(object)
     def run(self, req: Request) -> None:
         r = self.reasoner
+        calibration = r.head.spec.calibration
         pending: list[Update] = []
         last = time.monotonic()
         try:
@@ -128,8 +130,9 @@ class Worker(QObject):
                 piece = (
                     r.model.piece(ev.token) if ev.kind == "token" and not r.model.is_eog(ev.token) else b""
                 )
+                conf = calibration(ev.score) if calibration is not None and ev.kind != "token" else None
                 pending.append(
-                    Update(ev.kind, ev.index, piece, ev.n_tokens, ev.step_score, ev.score, ev.finish_reason)
+                    Update(ev.kind, ev.index, piece, ev.n_tokens, ev.step_score, ev.score, ev.finish_reason, conf)
                 )
                 if time.monotonic() - last > FLUSH_S:
                     self.updates.emit(pending)
@@ -189,6 +192,7 @@ class CardState:
     score: float = 0.0
     state: str = "running"
     text: bytearray = field(default_factory=bytearray)
+    confidence: float | None = None
 
 
 class TrajectoryCard(QFrame):
@@ -224,9 +228,9 @@ class TrajectoryCard(QFrame):
             s.text += u.piece
         elif u.kind == "step":
             s.steps.append(u.step_score)
-            s.score = u.score
+            s.score, s.confidence = u.score, u.confidence
         elif u.kind == "finish":
-            s.score = u.score
+            s.score, s.confidence = u.score, u.confidence
             s.state = u.finish_reason or "done"
         self.dirty = True
 
@@ -238,6 +242,7 @@ class TrajectoryCard(QFrame):
             cand.score,
             cand.finish_reason,
             bytearray(cand.text.encode()),
+            cand.confidence,
         )
         self.dirty = True
 
@@ -264,10 +269,14 @@ class TrajectoryCard(QFrame):
         elif self.leading:
             badge = "<span style='color:#1a73e8'>&#9650; leading</span> &middot; "
         last = f"{s.steps[-1]:.3f}" if s.steps else "-"
-        color = score_color(s.score).darker(130).name() if s.steps else "#5f6368"
+        # A calibrated confidence reads as a probability; a raw score (often ~1e-8) only ranks.
+        shown = s.score if s.confidence is None else s.confidence
+        color = score_color(shown).darker(130).name() if s.steps else "#5f6368"
+        value = (f"score {s.score:.3f}" if s.confidence is None
+                 else f"confidence {s.confidence:.2f}</b> (score {s.score:.3g})<b>")
         return (
             f"{badge}<b>#{self.index}</b> &middot; {s.tokens} tokens &middot; {len(s.steps)} steps &middot; "
-            f"last step {last} &middot; <b style='color:{color}'>score {s.score:.3f}</b> &middot; "
+            f"last step {last} &middot; <b style='color:{color}'>{value}</b> &middot; "
             f"<i>{s.state}</i>"
         )
 
@@ -470,9 +479,13 @@ class MainWindow(QMainWindow):
             self.answer_title.setText("<b>Answer</b>: cancelled before the first token")
         else:
             best = result.best
+            shown = (f"score {best.score:.3f}" if best.confidence is None
+                     else f"confidence {best.confidence:.2f} (score {best.score:.3g})")
+            answers = ", ".join(f"{a.answer} ({a.count}" + ("" if a.mass is None else f", mass {a.mass:.2f}") + ")"
+                                for a in result.answers[:4])
             self.answer_title.setText(
-                f"<b>Answer</b> from trajectory #{best.index}, score {best.score:.3f} "
-                f"({len(best.step_scores)} steps, {best.finish_reason})"
+                f"<b>Answer</b> from trajectory #{best.index}, {shown} "
+                f"({len(best.step_scores)} steps, {best.finish_reason})" + (f" &middot; answers: {answers}" if answers else "")
             )
             self.answer.setPlainText(result.answer or best.text)
         rate = st.generated_tokens / st.total_s if st.total_s else 0.0

@@ -1,7 +1,7 @@
 #!/bin/bash
-# One-shot GPU check: build llama.cpp (the version llama-cpp-python 0.3.36 vendors) with CUDA,
-# then run edge_ms's engine + native tap with every layer on the GPU against the same on CPU.
-# Prepared here by scripts/gpu_check/prepare.sh; run there from the repository root with tmp/gpu carried.
+# On the GPU machine, from the repository root with tmp/gpu carried (scripts/gpu_check/prepare.sh):
+# build llama.cpp (the version llama-cpp-python 0.3.36 vendors) with CUDA, then run
+# tests/test_gpu.py against it; llama.cpp's log lines show how many layers went to the GPU.
 set -e
 B=build/gpu-llama
 if [ ! -f $B/bin/libllama.so ]; then
@@ -16,5 +16,8 @@ fi
 mkdir -p tmp/gpu/pkg/llama_cpp/lib
 cp -a $B/bin/*.so* tmp/gpu/pkg/llama_cpp/lib/
 cp tmp/gpu/libedge_ms_tap.so edge_ms/
-PYTHONPATH=tmp/gpu/pkg:. python3 -X faulthandler tmp/gpu/check.py > $OUT/check.log 2>&1
-grep -i "offloaded\|GPU TAP\|same_tokens\|steps_compared\|max_" $OUT/check.log
+rc=0
+EDGE_MS_LLAMA_LOG=1 PYTHONPATH=tmp/gpu/pkg:. python3 -X faulthandler -m pytest -p no:cacheprovider -rs \
+  -o log_cli=true --log-cli-level=DEBUG tests/test_gpu.py > $OUT/check.log 2>&1 || rc=$?
+grep -i "offloaded\|passed\|failed\|skipped\|error" $OUT/check.log | tail -20
+exit $rc
