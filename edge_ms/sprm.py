@@ -423,14 +423,12 @@ def calibrate_sprm(
     sampling fields (n, seed, max_new_tokens, temperature, workers) are used. ``task`` says where
     the problems come from, for the log.
     """
-    from edge_ms.reasoner import check_head
-
     out = _check_out(out)
     head = load_head(head_path)
     weights, provenance = head.weights(), head.provenance()  # read now: ``out`` may replace the file
     model = Model(gguf, settings)
     try:
-        check_head(model, head)
+        check_backbone(head, model)
         got = _sample_phases(model, replace(head.spec, calibration=None), weights,
                              {"validation": (problems, config.seed)}, config, on_progress, cache)["validation"]
     finally:
