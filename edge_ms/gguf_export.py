@@ -203,6 +203,49 @@ def _first_id(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _token_table(tok_path: Path, tok: dict, vocab_size: int) -> tuple[list[str], list[int], dict[str, int]]:
+    """Every row's token text and type (padded past the tokenizer), and each text's id."""
+    by_id: dict[int, tuple[str, int]] = {}
+    for text, i in tok["model"]["vocab"].items():
+        if not _is_id(i):
+            raise fail(tok_path, f"vocab entry {text!r} has id {i!r}")
+        by_id[i] = (text, gguf.TokenType.NORMAL)
+    for added in tok.get("added_tokens") or []:
+        if not (
+            isinstance(added, dict) and _is_id(added.get("id")) and isinstance(added.get("content"), str)
+        ):
+            raise fail(tok_path, f"malformed added token {added!r:.80}")
+        kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+        by_id[added["id"]] = (added["content"], kind)
+    top = max(by_id) + 1 if by_id else 0
+    if top > vocab_size:
+        raise fail(tok_path, f"token id {top - 1} does not fit vocab_size {vocab_size} of config.json")
+    tokens: list[str] = []
+    types: list[int] = []
+    for i in range(vocab_size):
+        # The embedding matrix is padded past the tokenizer; llama.cpp needs a token per row.
+        text, kind = by_id.get(i, (f"[PAD{i}]", gguf.TokenType.UNUSED))
+        tokens.append(text)
+        types.append(int(kind))
+    return tokens, types, {text: i for i, (text, _) in sorted(by_id.items())}
+
+
+def _special_id(name: str, tcfg: dict, tcfg_path: Path, ids: dict[str, int], sources: tuple[dict, ...],
+                vocab_size: int) -> int | None:
+    """The id of the ``name`` (bos / eos / pad) token: tokenizer_config.json's text, else a config's id."""
+    text = _token_text(tcfg.get(f"{name}_token"))
+    if text is not None:
+        if text in ids:
+            return ids[text]
+        if name != "pad":  # a missing pad token is harmless; a missing BOS/EOS is a broken checkpoint
+            raise fail(tcfg_path, f"{name}_token {text!r} is not in tokenizer.json")
+    for source in sources:
+        found = _first_id(source.get(f"{name}_token_id"))
+        if found is not None and 0 <= found < vocab_size:
+            return found
+    return None
+
+
 def read_vocab(hf_dir: str | os.PathLike[str], vocab_size: int) -> Vocab:
     """Build the GGUF vocabulary from ``tokenizer.json`` and its companion files."""
     hf_dir = Path(hf_dir)
@@ -221,57 +264,16 @@ def read_vocab(hf_dir: str | os.PathLike[str], vocab_size: int) -> Vocab:
             tok_path,
             f"normalizer {err} is not supported (only {', '.join(normalize.FORMS)} and Sequences of them)",
         ) from None
-
-    by_id: dict[int, tuple[str, int]] = {}
-    for text, i in tok["model"]["vocab"].items():
-        if not _is_id(i):
-            raise fail(tok_path, f"vocab entry {text!r} has id {i!r}")
-        by_id[i] = (text, gguf.TokenType.NORMAL)
-    for added in tok.get("added_tokens") or []:
-        if not (
-            isinstance(added, dict) and _is_id(added.get("id")) and isinstance(added.get("content"), str)
-        ):
-            raise fail(tok_path, f"malformed added token {added!r:.80}")
-        kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
-        by_id[added["id"]] = (added["content"], kind)
-    top = max(by_id) + 1 if by_id else 0
-    if top > vocab_size:
-        raise fail(tok_path, f"token id {top - 1} does not fit vocab_size {vocab_size} of config.json")
-
-    tokens: list[str] = []
-    types: list[int] = []
-    for i in range(vocab_size):
-        # The embedding matrix is padded past the tokenizer; llama.cpp needs a token per row.
-        text, kind = by_id.get(i, (f"[PAD{i}]", gguf.TokenType.UNUSED))
-        tokens.append(text)
-        types.append(int(kind))
-    ids = {text: i for i, (text, _) in sorted(by_id.items())}
-
+    tokens, types, ids = _token_table(tok_path, tok, vocab_size)
     merges = []
     for m in tok["model"].get("merges") or []:
         # tokenizers >= 0.20 writes merges as pairs, older versions as "a b" strings.
         merges.append(" ".join(m) if isinstance(m, list) else m)
-
     tcfg_path = hf_dir / "tokenizer_config.json"
     tcfg = _read_json(tcfg_path, optional=True)
-    gen_path = hf_dir / "generation_config.json"
-    gen = _read_json(gen_path, optional=True)
-    cfg = _read_json(hf_dir / "config.json")
-
-    def special(name: str) -> int | None:
-        text = _token_text(tcfg.get(f"{name}_token"))
-        if text is not None:
-            if text in ids:
-                return ids[text]
-            if name != "pad":  # a missing pad token is harmless; a missing BOS/EOS is a broken checkpoint
-                raise fail(tcfg_path, f"{name}_token {text!r} is not in tokenizer.json")
-        for source in (gen, cfg):
-            found = _first_id(source.get(f"{name}_token_id"))
-            if found is not None and 0 <= found < vocab_size:
-                return found
-        return None
-
-    bos_id, eos_id, pad_id = special("bos"), special("eos"), special("pad")
+    sources = (_read_json(hf_dir / "generation_config.json", optional=True), _read_json(hf_dir / "config.json"))
+    bos_id, eos_id, pad_id = (_special_id(name, tcfg, tcfg_path, ids, sources, vocab_size)
+                              for name in ("bos", "eos", "pad"))
     add_bos = tcfg.get("add_bos_token")
     if not isinstance(add_bos, bool):
         # Transformers 5.x leaves the flag out; the post-processor then says whether BOS is added.

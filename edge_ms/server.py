@@ -558,6 +558,31 @@ class _Guard:
 # -- the app -----------------------------------------------------------------------
 
 
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error answers in OpenAI's JSON format, whatever raised it."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, err: ApiError) -> JSONResponse:
+        return err.response()
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_request: Request, err: HTTPException) -> JSONResponse:
+        return ApiError(err.status_code, str(err.detail)).response()
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_request: Request, err: Exception) -> JSONResponse:
+        # Starlette still logs the traceback after this answer is sent.
+        return ApiError(500, f"internal error: {type(err).__name__}", kind="server_error").response()
+
+
+def _authorize(request: Request, api_key: str | None) -> None:
+    if api_key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise ApiError(401, "missing or wrong API key: send Authorization: Bearer KEY", code="invalid_api_key")
+
+
 def create_app(
     reasoner: Reasoner,
     queue_size: int = 16,
@@ -589,27 +614,10 @@ def create_app(
     app.state.worker = worker
     app.add_middleware(_Guard, access=Access.of(host, tuple(allowed_hosts), tuple(cors_origins)))
 
-    @app.exception_handler(ApiError)
-    async def _api_error(_request: Request, err: ApiError) -> JSONResponse:
-        return err.response()
-
-    @app.exception_handler(HTTPException)
-    async def _http_error(_request: Request, err: HTTPException) -> JSONResponse:
-        return ApiError(err.status_code, str(err.detail)).response()
-
-    @app.exception_handler(Exception)
-    async def _internal_error(_request: Request, err: Exception) -> JSONResponse:
-        # Starlette still logs the traceback after this answer is sent.
-        return ApiError(500, f"internal error: {type(err).__name__}", kind="server_error").response()
+    _add_error_handlers(app)
 
     def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise ApiError(
-                401, "missing or wrong API key: send Authorization: Bearer KEY", code="invalid_api_key"
-            )
+        _authorize(request, api_key)
 
     @app.get("/health")
     async def health() -> dict:

@@ -273,6 +273,39 @@ def _mean_scores(w: HeadWeights, s: _Split) -> tuple[float, float, float]:
     return mean(good), mean(bad), auc(traj, s.traj_labels)
 
 
+def _start(features: np.ndarray, init_weights: HeadWeights | None, seed: int, out_scale: float,
+           standardize: bool) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """The starting float64 parameters and the training features, in the space the head trains in."""
+    c = features.shape[1]
+    if not standardize:
+        params = init_head(c, seed, out_scale) if init_weights is None else init_weights
+        return {k: np.array(v, np.float64) for k, v in params.items()}, features.astype(np.float64), None, None
+    mu, sd = _standardiser(features)
+    # A fresh head starts in the standardised space (that is where its init scale means
+    # something); a given head is moved there exactly.
+    params = init_head(c, seed, out_scale) if init_weights is None else _to_standardised(init_weights, mu, sd)
+    return {k: np.array(v, np.float64) for k, v in params.items()}, (features - mu) / sd, mu, sd
+
+
+class _Adam:
+    """Adam (betas 0.9 / 0.999), with ``weight_decay`` times the parameter added to each update."""
+
+    def __init__(self, lr: float, weight_decay: float, params: dict[str, np.ndarray]) -> None:
+        self.lr, self.weight_decay, self.step = lr, weight_decay, 0
+        self.m1 = {k: np.zeros_like(v) for k, v in params.items()}
+        self.m2 = {k: np.zeros_like(v) for k, v in params.items()}
+
+    def update(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
+        beta1, beta2, eps = 0.9, 0.999, 1e-8
+        self.step += 1
+        for k in params:
+            g = grads[k]
+            self.m1[k] = beta1 * self.m1[k] + (1 - beta1) * g
+            self.m2[k] = beta2 * self.m2[k] + (1 - beta2) * g * g
+            update = (self.m1[k] / (1 - beta1**self.step)) / (np.sqrt(self.m2[k] / (1 - beta2**self.step)) + eps)
+            params[k] = params[k] - self.lr * (update + self.weight_decay * params[k])
+
+
 def train_head(
     features: np.ndarray,
     labels: np.ndarray,
@@ -311,18 +344,7 @@ def train_head(
             f"init_weights: first layer is {init_weights['0.weight'].shape}, features have c={c}"
         )
 
-    if standardize:
-        mu, sd = _standardiser(tr.features)
-        # A fresh head starts in the standardised space (that is where its init scale means
-        # something); a given head is moved there exactly.
-        params = (
-            init_head(c, seed, out_scale) if init_weights is None else _to_standardised(init_weights, mu, sd)
-        )
-        tr_x = (tr.features - mu) / sd
-    else:
-        params = init_head(c, seed, out_scale) if init_weights is None else init_weights
-        tr_x = tr.features.astype(np.float64)
-    params = {k: np.array(v, np.float64) for k, v in params.items()}
+    params, tr_x, mu, sd = _start(tr.features, init_weights, seed, out_scale, standardize)
 
     def export(p: HeadWeights) -> HeadWeights:
         out = _from_standardised(p, mu, sd) if standardize else p
@@ -338,10 +360,7 @@ def train_head(
         return entry
 
     rng = np.random.default_rng(seed)
-    m1 = {k: np.zeros_like(v) for k, v in params.items()}
-    m2 = {k: np.zeros_like(v) for k, v in params.items()}
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
-    step = 0
+    adam = _Adam(lr, weight_decay, params)
     log = [record(0, float("nan"), float("nan"))]
     n_traj = len(tr.traj_labels)
     for epoch in range(1, epochs + 1):
@@ -361,13 +380,7 @@ def train_head(
             )
             losses.append(loss)
             kept_steps += n_kept
-            step += 1
-            for k in params:
-                g = grads[k]
-                m1[k] = beta1 * m1[k] + (1 - beta1) * g
-                m2[k] = beta2 * m2[k] + (1 - beta2) * g * g
-                update = (m1[k] / (1 - beta1**step)) / (np.sqrt(m2[k] / (1 - beta2**step)) + eps)
-                params[k] = params[k] - lr * (update + weight_decay * params[k])
+            adam.update(params, grads)
         log.append(
             record(epoch, float(np.mean(losses)) if losses else 0.0, kept_steps / max(1, len(tr.labels)))
         )
