@@ -79,12 +79,13 @@ def device_options(fn):
     return fn
 
 
-def _load_reasoner(model, quant, head, threads, n_gpu_layers, kv_type, extra_bufts, memory):
+def _load_reasoner(model, quant, head, threads, n_gpu_layers, kv_type, extra_bufts, memory, prompt_style=None):
     from edge_ms.model import DeviceSettings
     from edge_ms.reasoner import Reasoner
 
     settings = DeviceSettings(threads, n_gpu_layers, kv_type, extra_bufts)
-    return Reasoner.load(model, quant=quant, head=head, settings=settings, memory_bytes=_parse_size(memory))
+    return Reasoner.load(model, quant=quant, head=head, settings=settings, memory_bytes=_parse_size(memory),
+                         prompt_style=prompt_style)
 
 
 @main.command()
@@ -102,13 +103,16 @@ def _load_reasoner(model, quant, head, threads, n_gpu_layers, kv_type, extra_buf
 @click.option("--min-confidence", type=float, default=None,
               help="Say 'not sure' when the answer's calibrated confidence is below this (needs a calibrated head).")
 @click.option("--raw", is_flag=True, help="Do not apply the model's chat template.")
+@click.option("--prompt-style", default=None,
+              help="chat (the question as one user turn) or arith (inside the few-shot arithmetic chat). "
+                   "Default: arith for the embedded demo model, whose head was trained on it; else chat.")
 @click.option("--kv-layout", default="auto", show_default=True,
               help="KV cache: unified (one pool all trajectories share), streams (one each), or auto (the plan's choice).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @_one_line_errors
 def solve(prompt, model, quant, head, threads, n_gpu_layers, kv_type, extra_bufts, memory, mode, n, seed,
           max_new_tokens, temperature, top_p, repetition_penalty, stop, strategy, min_confidence, raw,
-          kv_layout, as_json) -> None:
+          prompt_style, kv_layout, as_json) -> None:
     """Sample N reasoning trajectories for PROMPT, score every step, print the best answer."""
     import json
 
@@ -117,7 +121,7 @@ def solve(prompt, model, quant, head, threads, n_gpu_layers, kv_type, extra_buft
     n_seq = resolve_n(mode, n)
     if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
         raise EdgeMSError(f"--min-confidence {min_confidence}: must be a probability from 0 to 1")
-    reasoner = _load_reasoner(model, quant, head, threads, n_gpu_layers, kv_type, extra_bufts, memory)
+    reasoner = _load_reasoner(model, quant, head, threads, n_gpu_layers, kv_type, extra_bufts, memory, prompt_style)
     calibration = reasoner.head.spec.calibration
     if min_confidence is not None and calibration is None:
         raise EdgeMSError(f"{reasoner.head.path}: --min-confidence needs a calibrated head and this one has no "
@@ -138,25 +142,14 @@ def solve(prompt, model, quant, head, threads, n_gpu_layers, kv_type, extra_buft
         out.update(min_confidence=min_confidence, not_sure=not_sure)
         click.echo(json.dumps(out, ensure_ascii=False))
         return
-    _print_result(result)
+    from edge_ms.display import summary_lines
+
+    for line in summary_lines(result):
+        click.echo(line, err=True)
     if not_sure:
         click.echo(f"not sure: the answer below has a calibrated confidence of {result.confidence:.2f}, "
                    f"under --min-confidence {min_confidence:.2f}")
     click.echo(result.answer)
-
-
-def _print_result(result) -> None:
-    """What solve reports on stderr beside the answer: the chosen trajectory and the answers' masses."""
-    best = result.best
-    shown = f"score {best.score:.3g}" if best.confidence is None else \
-        f"confidence {best.confidence:.2f} (score {best.score:.3g})"
-    click.echo(f"selected trajectory {result.selected} of {result.n}: {shown}, {len(best.step_scores)} steps, "
-               f"{len(best.token_ids)} tokens ({best.finish_reason})", err=True)
-    if result.answers:
-        parts = [f"{a.answer} ({a.count} of {result.n}" + (")" if a.mass is None else f", mass {a.mass:.2f})")
-                 for a in result.answers[:5]]
-        more = f" and {len(result.answers) - 5} more" if len(result.answers) > 5 else ""
-        click.echo("answers: " + ", ".join(parts) + more, err=True)
 
 
 @main.command("pull")

@@ -64,3 +64,39 @@ class TrajectoryView:
             table.add_row(str(i), str(self.tokens[i]), str(self.steps[i]), last, f"{self.score[i]:.3g}", *conf,
                           self.state[i], style=style)
         return Group(table, Text(""))
+
+
+# Strategy names as a person reads them, for the summary.
+_PICKED_BY = {"best": "SPRM best-of-N", "prune": "SPRM best-of-N with pruning", "majority": "majority vote",
+              "weighted": "SPRM-weighted vote"}
+_SHOWN = 8  # candidates listed one per line; the rest are summed up
+
+
+def summary_lines(result) -> list[str]:
+    """What ``edge-ms solve`` reports beside the answer: speed, each candidate's final answer with
+    its confidence, the vote over answers, and which trajectory was chosen and how."""
+    s = result.stats
+    secs = max(s.total_s, 1e-9)
+    lines = [f"{result.n} trajectories, {s.generated_tokens} tokens in {secs:.1f} s "
+             f"({s.generated_tokens / secs:.1f} tokens/s, KV {s.kv_layout or 'unified'})"]
+    order = sorted(range(len(result.candidates)), key=lambda i: -result.candidates[i].score)
+    for i in order[:_SHOWN]:
+        c = result.candidates[i]
+        conf = "" if c.confidence is None else f"confidence {c.confidence:.2f}, "
+        mark = "  <- chosen" if i == result.selected else ""
+        lines.append(f"  #{i:<2} answer {c.answer_key or '-':>6}  {conf}score {c.score:.3g}, "
+                     f"{len(c.step_scores)} steps, {len(c.token_ids)} tokens ({c.finish_reason}){mark}")
+    if len(order) > _SHOWN:
+        lines.append(f"  ... and {len(order) - _SHOWN} more")
+    if result.answers:
+        parts = [f"{a.answer} ({a.count} of {result.n}" + (")" if a.mass is None else f", mass {a.mass:.2f})")
+                 for a in result.answers[:5]]
+        more = f" and {len(result.answers) - 5} more" if len(result.answers) > 5 else ""
+        lines.append("answers: " + ", ".join(parts) + more)
+    best = result.best
+    shown = f"score {best.score:.3g}" if best.confidence is None else \
+        f"confidence {best.confidence:.2f} (score {best.score:.3g})"
+    lines.append(f"chosen by {_PICKED_BY.get(result.strategy, result.strategy)}: trajectory {result.selected} "
+                 f"of {result.n}, {shown}, {len(best.step_scores)} steps, {len(best.token_ids)} tokens "
+                 f"({best.finish_reason})")
+    return lines

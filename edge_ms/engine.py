@@ -23,7 +23,7 @@ from edge_ms.errors import EdgeMSError
 from edge_ms.head import Head
 from edge_ms.interrupts import hold_interrupt
 from edge_ms.model import KV_TYPES, Model
-from edge_ms.plan import layout_estimate, shape_from_model
+from edge_ms.plan import ENGINE_BATCH, layout_estimate, shape_from_model
 from edge_ms.sampling import SamplingParams, make_sampler
 from edge_ms.score import StepTracker, candidate_positions, starts_step
 from edge_ms.sizes import human_size
@@ -107,7 +107,7 @@ Pruner = Callable[[list[Trajectory]], list[int]]
 class Engine:
     """One model, one head, one reusable llama.cpp context with the tap installed."""
 
-    def __init__(self, model: Model, head: Head | None, n_batch: int = 512, n_ubatch: int | None = None,
+    def __init__(self, model: Model, head: Head | None, n_batch: int = ENGINE_BATCH, n_ubatch: int | None = None,
                  tap_enabled: bool = True, keep_rows: bool = False,
                  memory_budget_bytes: int | None = None, n_threads: int | None = None) -> None:
         self.model = model

@@ -134,12 +134,12 @@ def auto_layout(n_prompt: int, n: int, max_new_tokens: int, forks: bool = False)
 
     In one unified pool every token attends over the cells of all N sequences, so a step's
     cost grows with N x length; one stream per sequence attends only over its own prompt copy
-    and tokens. Streams pay when the trajectories' own tokens dominate the prompt and the copies
-    (with their padding) at most double the cells; the unified pool wins for a long shared prompt,
-    for one sequence, and when a strategy forks sequences (a fork is free inside one pool, a
-    whole-buffer copy across streams).
+    and tokens. Streams pay when the trajectories' own tokens (at most ``max_new_tokens`` each)
+    are at least twice the prompt and the copies (with their padding) at most double the cells;
+    the unified pool wins for a long shared prompt (a few-shot prefix), for one sequence, and when
+    a strategy forks sequences (a fork is free inside one pool, a whole-buffer copy across streams).
     """
-    if n < 2 or forks or max_new_tokens < n_prompt:
+    if n < 2 or forks or max_new_tokens < 2 * n_prompt:
         return "unified"
     if context_cells(n_prompt, n, max_new_tokens, "streams") > 2 * context_cells(n_prompt, n, max_new_tokens):
         return "unified"

@@ -13,11 +13,16 @@ from edge_ms.errors import EdgeMSError, fail
 from edge_ms.head import Head, check_backbone, load_head
 from edge_ms.model import DeviceSettings, Model
 from edge_ms.modes import resolve_n
-from edge_ms.plan import DEFAULT_BUDGET_FRACTION, available_memory
+from edge_ms.plan import DEFAULT_BUDGET_FRACTION, ENGINE_BATCH, available_memory
 from edge_ms.sampling import SamplingParams
 from edge_ms.select import STRATEGIES, AnswerMass, PruneRule, answer_masses, select
 from edge_ms.sizes import human_size
 from edge_ms.store import locate
+from edge_ms.tasks import styled_messages
+
+# The embedded default is a 135M demo model: its head was trained and calibrated on questions
+# posed in the few-shot arithmetic chat, so plain questions are posed that way too.
+DEFAULT_MODEL_PROMPT_STYLE = "arith"
 
 
 @dataclass
@@ -104,10 +109,13 @@ def _split_answer(text: str, think_end: str | None) -> tuple[str, str]:
 class Reasoner:
     """A backbone + SPRM head loaded once; ``solve`` runs N trajectories and picks one."""
 
-    def __init__(self, model: Model, head: Head, engine: Engine) -> None:
+    def __init__(self, model: Model, head: Head, engine: Engine, prompt_style: str = "chat") -> None:
         self.model = model
         self.head = head
         self.engine = engine
+        # How a plain string prompt is posed (edge_ms.tasks.PROMPT_STYLES); message lists go as given.
+        styled_messages("", prompt_style)  # refuse an unknown style now, not at the first prompt
+        self.prompt_style = prompt_style
         self._think_end_text = model.token_text(head.spec.think_end_id) if head.spec.think_end_id is not None else None
 
     @classmethod
@@ -119,10 +127,15 @@ class Reasoner:
         head: str | Path | None = None,
         settings: DeviceSettings | None = None,
         memory_bytes: int | None = None,
-        n_batch: int = 512,
+        n_batch: int = ENGINE_BATCH,
         n_ubatch: int | None = None,
+        prompt_style: str | None = None,
     ) -> Reasoner:
-        """Load a model directory, a store name, a GGUF file (+ ``head``), or the embedded default (None)."""
+        """Load a model directory, a store name, a GGUF file (+ ``head``), or the embedded default (None).
+
+        ``prompt_style`` says how a plain string prompt is posed: "chat" (one user turn) or "arith"
+        (the few-shot arithmetic chat); None: "arith" for the embedded default model, else "chat".
+        """
         gguf, head_path = locate(model, quant, head)
         if head_path is None:
             raise fail(gguf, "no SPRM head given (pass head=... / --head FILE.sprm.onnx)")
@@ -136,7 +149,8 @@ class Reasoner:
             limit = f"--memory {human_size(budget)}" if memory_bytes is not None else (
                 f"the memory budget of {human_size(budget)} ({DEFAULT_BUDGET_FRACTION:.0%} of available memory)")
             raise fail(gguf, f"the weights alone ({human_size(weights)}) exceed {limit}")
-        return cls(m, h, Engine(m, h, n_batch=n_batch, n_ubatch=n_ubatch, memory_budget_bytes=budget))
+        style = prompt_style or (DEFAULT_MODEL_PROMPT_STYLE if model is None else "chat")
+        return cls(m, h, Engine(m, h, n_batch=n_batch, n_ubatch=n_ubatch, memory_budget_bytes=budget), style)
 
     def close(self) -> None:
         self.engine.close()
@@ -151,7 +165,7 @@ class Reasoner:
             if not isinstance(prompt, str):
                 raise EdgeMSError("a raw prompt must be a string")
             return self.model.tokenize(prompt, add_special=True)
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        messages = styled_messages(prompt, self.prompt_style) if isinstance(prompt, str) else prompt
         if not messages:
             raise EdgeMSError("empty message list")
         return self.model.chat_ids(messages, parse_special)

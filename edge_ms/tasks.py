@@ -239,6 +239,20 @@ def arith_messages(question: str) -> list[dict[str, str]]:
     return messages
 
 
+# How a plain question is posed to a model: as one user turn, or inside the few-shot arithmetic
+# chat (what the embedded default model's head was trained and calibrated on).
+PROMPT_STYLES = ("chat", "arith")
+
+
+def styled_messages(question: str, style: str) -> list[dict[str, str]]:
+    """The messages that pose ``question`` in ``style`` (one of PROMPT_STYLES)."""
+    if style == "arith":
+        return arith_messages(question)
+    if style == "chat":
+        return [{"role": "user", "content": question}]
+    raise EdgeMSError(f"--prompt-style {style}: unknown (choose from {', '.join(PROMPT_STYLES)})")
+
+
 def chat_messages(problem: Problem) -> list[dict[str, str]]:
     """The messages that pose ``problem`` to a chat model."""
     if problem.task == "arith":

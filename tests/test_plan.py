@@ -303,3 +303,40 @@ def test_cli_bad_options_are_one_line(args, needle):
     assert proc.returncode == 1
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+
+
+def test_auto_layout_gives_long_generations_a_stream_each_and_shared_prompts_one_pool():
+    from edge_ms.plan import auto_layout
+
+    assert auto_layout(64, 32, 1024) == "streams"  # high effort, long reasoning
+    assert auto_layout(30, 8, 2048) == "streams"  # a chat question
+    assert auto_layout(850, 8, 96) == "unified"  # a few-shot prefix dominates
+    assert auto_layout(850, 8, 1024) == "unified"  # ... unless the answers may be twice as long
+    assert auto_layout(64, 1, 4096) == "unified"  # one sequence: nothing to separate
+    assert auto_layout(64, 32, 1024, forks=True) == "unified"  # forks are free in one pool only
+    assert auto_layout(5, 32, 10) == "unified"  # padding every stream to 256 cells would waste 25x
+
+
+def test_streams_count_each_prompt_copy_and_fall_back_to_one_pool_when_over_budget():
+    from edge_ms.plan import layout_estimate
+
+    streams = context_cells(64, 32, 1024, "streams")
+    assert streams == 32 * 1280 and context_cells(64, 32, 1024) == 64 + 32 * 1024 + 1
+    layout, cells, est = layout_estimate(S15, 64, 32, 1024, "f16", None)
+    assert (layout, cells) == ("streams", streams)
+    unified = layout_estimate(S15, 64, 32, 1024, "f16", None, layout="unified")[2]
+    assert est.kv_cache > unified.kv_cache
+    # A budget between the two: auto takes the pool; an explicit streams request is estimated as asked.
+    budget = (est.total + unified.total) // 2
+    assert layout_estimate(S15, 64, 32, 1024, "f16", budget)[:2] == ("unified", context_cells(64, 32, 1024))
+    assert layout_estimate(S15, 64, 32, 1024, "f16", budget, layout="streams")[0] == "streams"
+    with pytest.raises(EdgeMSError, match="--kv-layout sideways: unknown"):
+        layout_estimate(S15, 64, 32, 1024, "f16", None, layout="sideways")
+
+
+def test_plan_rows_name_the_layout_auto_would_use():
+    p = plan(S15, 64 * GIB, n=32, label="high", max_new_tokens=4096, prompt_tokens=256)
+    assert p.requested.kv_layout == "streams"
+    assert p.requested.n_ctx == context_cells(256, 32, 4096, "streams")
+    short = plan(S15, 64 * GIB, n=8, max_new_tokens=128, prompt_tokens=256)
+    assert {r.kv_layout for r in short.rows} == {"unified"}
