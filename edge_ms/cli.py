@@ -91,12 +91,17 @@ def _load_reasoner(model, quant, head, threads, n_gpu_layers, kv_type, extra_buf
 @click.option("--top-p", type=float, default=0.95, show_default=True)
 @click.option("--repetition-penalty", type=float, default=1.05, show_default=True)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
-@click.option("--strategy", default="best", show_default=True, help="best (SPRM best-of-N), majority, weighted (SPRM-weighted vote), prune (stop trajectories that fall behind).")
+@click.option("--strategy", default="best", show_default=True,
+              help="best (SPRM best-of-N), majority, weighted (SPRM-weighted vote), prune (stop trajectories that "
+                   "fall behind), beam (fork the best partial trajectories into the slots of the weakest), "
+                   "early-stop (end once the SPRM-weighted vote is settled).")
+@click.option("--beam-width", type=int, default=None,
+              help="With --strategy beam: partial trajectories kept at each step (default N / 4).")
 @click.option("--raw", is_flag=True, help="Do not apply the model's chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @_one_line_errors
 def solve(prompt, model, quant, head, threads, n_gpu_layers, kv_type, extra_bufts, memory, mode, n, seed,
-          max_new_tokens, temperature, top_p, repetition_penalty, stop, strategy, raw, as_json) -> None:
+          max_new_tokens, temperature, top_p, repetition_penalty, stop, strategy, beam_width, raw, as_json) -> None:
     """Sample N reasoning trajectories for PROMPT, score every step, print the best answer."""
     import json
 
@@ -105,7 +110,7 @@ def solve(prompt, model, quant, head, threads, n_gpu_layers, kv_type, extra_buft
     n_seq = resolve_n(mode, n)
     reasoner = _load_reasoner(model, quant, head, threads, n_gpu_layers, kv_type, extra_bufts, memory)
     kwargs = dict(seed=seed, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                  repetition_penalty=repetition_penalty, stop=stop, raw=raw, strategy=strategy)
+                  repetition_penalty=repetition_penalty, stop=stop, raw=raw, strategy=strategy, beam_width=beam_width)
     if as_json or not sys.stderr.isatty():
         result = reasoner.solve(prompt, mode, n, **kwargs)
     else:
@@ -117,8 +122,12 @@ def solve(prompt, model, quant, head, threads, n_gpu_layers, kv_type, extra_buft
         click.echo(json.dumps(result.to_json(), ensure_ascii=False))
         return
     best = result.best
+    forks = sum(c.parent is not None for c in result.candidates)
+    search = f" (+{forks} forks)" if forks else ""
+    stopped = sum(c.finish_reason in ("pruned", "early-stop") for c in result.candidates)
+    search += f", {stopped} stopped early, {result.stats.generated_tokens} tokens sampled" if stopped else ""
     click.echo(
-        f"selected trajectory {result.selected} of {result.n}: score {best.score:.3g}, "
+        f"selected trajectory {result.selected} of {result.n}{search}: score {best.score:.3g}, "
         f"{len(best.step_scores)} steps, {len(best.token_ids)} tokens ({best.finish_reason})",
         err=True,
     )

@@ -11,7 +11,11 @@ from edge_ms.engine import Event
 
 
 class TrajectoryView:
-    """Feed it engine events; it redraws a table of tokens, steps and running scores."""
+    """Feed it engine events; it redraws a table of tokens, steps and running scores.
+
+    A search (``--strategy beam``) adds rows as it forks: a fork starts with its parent's
+    tokens, steps and score, and says whose fork it is and after how many tokens.
+    """
 
     def __init__(self, n: int, console: Console | None = None, title: str = "") -> None:
         self.console = console or Console(stderr=True)
@@ -21,6 +25,7 @@ class TrajectoryView:
         self.last_step = [None] * n
         self.score = [0.0] * n
         self.state = ["running"] * n
+        self.origin = [""] * n
         self._live = Live(self._render(), console=self.console, refresh_per_second=8, transient=False)
 
     def __enter__(self) -> TrajectoryView:
@@ -33,7 +38,13 @@ class TrajectoryView:
 
     def update(self, event: Event) -> None:
         i = event.index
-        if event.kind == "token":
+        if event.kind == "fork":
+            p = event.parent
+            for col in (self.tokens, self.steps, self.last_step, self.score):
+                col.append(col[p])
+            self.state.append("running")
+            self.origin.append(f"#{p} @{event.n_tokens}")
+        elif event.kind == "token":
             self.tokens[i] = event.n_tokens
         elif event.kind == "step":
             self.steps[i] += 1
@@ -46,12 +57,13 @@ class TrajectoryView:
 
     def _render(self) -> Group:
         table = Table(title=self.title or None, expand=False)
-        for col in ("#", "tokens", "steps", "last step", "score", "state"):
-            table.add_column(col, justify="right" if col != "state" else "left")
+        forked = any(self.origin)
+        for col in ("#", "tokens", "steps", "last step", "score", "state") + (("fork of",) if forked else ()):
+            table.add_column(col, justify="left" if col in ("state", "fork of") else "right")
         best = max(range(len(self.score)), key=lambda i: self.score[i]) if self.score else -1
         for i in range(len(self.tokens)):
-            style = "bold green" if i == best and self.steps[i] else ""
+            style = "bold green" if i == best and self.steps[i] else "dim" if self.state[i] == "pruned" else ""
             last = f"{self.last_step[i]:.3g}" if self.last_step[i] is not None else "-"
-            table.add_row(str(i), str(self.tokens[i]), str(self.steps[i]), last, f"{self.score[i]:.3g}",
-                          self.state[i], style=style)
+            row = [str(i), str(self.tokens[i]), str(self.steps[i]), last, f"{self.score[i]:.3g}", self.state[i]]
+            table.add_row(*row, *([self.origin[i]] if forked else []), style=style)
         return Group(table, Text(""))

@@ -1,6 +1,10 @@
 """A desktop window on the edge_ms Python API: ask a question, watch the N trajectories grow
 with their step scores, and get the one the SPRM head scored best.
 
+A search strategy shows as it runs: beam search stops weak trajectories (their cards turn
+grey, "pruned") and forks strong ones (a new card, "fork of #p after k tokens", that starts
+with its parent's text); early stop greys out the live ones once the weighted vote is settled.
+
     python examples/desktop/app.py                  # the embedded default model
     python examples/desktop/app.py --model DIR      # a converted model: directory, store name, or GGUF + --head
 
@@ -46,25 +50,32 @@ from edge_ms.modes import MODES
 FLUSH_S = 0.05  # the worker batches events: one signal per 50 ms, not one per token
 
 
+# What the strategy box offers, in order (edge_ms.select.STRATEGIES has them all).
+STRATEGY_CHOICES = ("best", "weighted", "beam", "early-stop", "prune", "majority")
+STOPPED = ("pruned", "early-stop")
+
+
 @dataclass
 class Request:
     prompt: str
     mode: str
     max_new_tokens: int
     seed: int | None = None
+    strategy: str = "best"
 
 
 @dataclass
 class Update:
     """One engine event, with the token's bytes decoded in the worker."""
 
-    kind: str  # "token" | "step" | "finish"
+    kind: str  # "token" | "step" | "fork" | "finish"
     index: int
     piece: bytes = b""
     n_tokens: int = 0
     step_score: float | None = None
     score: float = 0.0
     finish_reason: str | None = None
+    parent: int | None = None
 
 
 class Worker(QObject):
@@ -119,6 +130,7 @@ class Worker(QObject):
                 req.mode,
                 max_new_tokens=req.max_new_tokens,
                 seed=req.seed,
+                strategy=req.strategy,
                 should_stop=self._cancel.is_set,
             ):
                 if ev.kind == "done":
@@ -129,7 +141,8 @@ class Worker(QObject):
                     r.model.piece(ev.token) if ev.kind == "token" and not r.model.is_eog(ev.token) else b""
                 )
                 pending.append(
-                    Update(ev.kind, ev.index, piece, ev.n_tokens, ev.step_score, ev.score, ev.finish_reason)
+                    Update(ev.kind, ev.index, piece, ev.n_tokens, ev.step_score, ev.score, ev.finish_reason,
+                           ev.parent)
                 )
                 if time.monotonic() - last > FLUSH_S:
                     self.updates.emit(pending)
@@ -192,12 +205,20 @@ class CardState:
 
 
 class TrajectoryCard(QFrame):
-    """One trajectory: a header with its counts and score, its step scores, its text."""
+    """One trajectory: a header with its counts and score, its step scores, its text.
 
-    def __init__(self, index: int, mono: QFont) -> None:
+    A fork's card starts as a copy of its parent's (``origin`` says whose, after how many tokens).
+    """
+
+    def __init__(self, index: int, mono: QFont, parent: TrajectoryCard | None = None, fork_at: int = 0) -> None:
         super().__init__()
         self.index = index
         self.s = CardState()
+        self.origin = ""
+        if parent is not None:
+            p = parent.s
+            self.s = CardState(fork_at, list(p.steps), p.score, "running", bytearray(p.text))
+            self.origin = f"fork of #{parent.index} after {fork_at} tokens"
         self.chosen = False
         self.leading = False
         self.dirty = True
@@ -228,6 +249,7 @@ class TrajectoryCard(QFrame):
         elif u.kind == "finish":
             s.score = u.score
             s.state = u.finish_reason or "done"
+            self._style()
         self.dirty = True
 
     def finalize(self, cand) -> None:
@@ -239,7 +261,12 @@ class TrajectoryCard(QFrame):
             cand.finish_reason,
             bytearray(cand.text.encode()),
         )
+        self._style()
         self.dirty = True
+
+    @property
+    def stopped(self) -> bool:
+        return self.s.state in STOPPED
 
     def set_flags(self, chosen: bool, leading: bool) -> None:
         if (chosen, leading) != (self.chosen, self.leading):
@@ -252,6 +279,8 @@ class TrajectoryCard(QFrame):
             css = "QFrame#card { border: 3px solid #2e7d32; border-radius: 6px; background: #e8f5e9; }"
         elif self.leading:
             css = "QFrame#card { border: 2px solid #1a73e8; border-radius: 6px; background: #f1f6fe; }"
+        elif self.stopped:
+            css = "QFrame#card { border: 1px dashed #9aa0a6; border-radius: 6px; background: #eceff1; }"
         else:
             css = "QFrame#card { border: 1px solid #c4c7c5; border-radius: 6px; background: white; }"
         self.setStyleSheet(css)
@@ -265,8 +294,9 @@ class TrajectoryCard(QFrame):
             badge = "<span style='color:#1a73e8'>&#9650; leading</span> &middot; "
         last = f"{s.steps[-1]:.3f}" if s.steps else "-"
         color = score_color(s.score).darker(130).name() if s.steps else "#5f6368"
+        origin = f"<span style='color:#6a1b9a'>{self.origin}</span> &middot; " if self.origin else ""
         return (
-            f"{badge}<b>#{self.index}</b> &middot; {s.tokens} tokens &middot; {len(s.steps)} steps &middot; "
+            f"{badge}{origin}<b>#{self.index}</b> &middot; {s.tokens} tokens &middot; {len(s.steps)} steps &middot; "
             f"last step {last} &middot; <b style='color:{color}'>score {s.score:.3f}</b> &middot; "
             f"<i>{s.state}</i>"
         )
@@ -307,6 +337,9 @@ class MainWindow(QMainWindow):
         for mode, n in MODES.items():
             self.effort.addItem(f"{mode} · {n} trajectories", mode)
         self.effort.setCurrentIndex(list(MODES).index("medium"))
+        self.strategy = QComboBox()
+        for name in STRATEGY_CHOICES:
+            self.strategy.addItem(name, name)
         self.max_tokens = QSpinBox()
         self.max_tokens.setRange(8, 32768)
         self.max_tokens.setValue(512)
@@ -326,6 +359,8 @@ class MainWindow(QMainWindow):
         controls = QHBoxLayout()
         controls.addWidget(QLabel("Effort"))
         controls.addWidget(self.effort)
+        controls.addWidget(QLabel("Strategy"))
+        controls.addWidget(self.strategy)
         controls.addWidget(self.max_tokens)
         controls.addWidget(self.seed)
         controls.addStretch(1)
@@ -383,6 +418,7 @@ class MainWindow(QMainWindow):
         mode: str | None = None,
         max_new_tokens: int | None = None,
         seed: int | None = None,
+        strategy: str | None = None,
     ) -> bool:
         """Start a generation (arguments default to the window's controls); False if one is running."""
         if self.busy or not self.ready:
@@ -395,6 +431,8 @@ class MainWindow(QMainWindow):
             self.max_tokens.setValue(max_new_tokens)
         if seed is not None:
             self.seed.setValue(seed)
+        if strategy is not None:
+            self.strategy.setCurrentIndex(STRATEGY_CHOICES.index(strategy))
         text = self.prompt.toPlainText().strip()
         if not text:
             self.statusBar().showMessage("type a question first")
@@ -409,7 +447,8 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage(f"sampling {MODES[mode]} trajectories…")
         seed = self.seed.value()
         self.worker.arm()
-        self._start.emit(Request(text, mode, self.max_tokens.value(), None if seed < 0 else seed))
+        self._start.emit(Request(text, mode, self.max_tokens.value(), None if seed < 0 else seed,
+                                 self.strategy.currentData()))
         return True
 
     def cancel(self) -> None:
@@ -422,6 +461,7 @@ class MainWindow(QMainWindow):
         self.ask_button.setEnabled(not busy and self.ready)
         self.cancel_button.setEnabled(busy)
         self.effort.setEnabled(not busy)
+        self.strategy.setEnabled(not busy)
         self.max_tokens.setEnabled(not busy)
         self.seed.setEnabled(not busy)
 
@@ -429,10 +469,15 @@ class MainWindow(QMainWindow):
         for card in self.cards:
             self.grid.removeWidget(card)
             card.deleteLater()
-        cols = 1 if n == 1 else 2 if n <= 8 else 4
-        self.cards = [TrajectoryCard(i, self._mono) for i in range(n)]
-        for i, card in enumerate(self.cards):
-            self.grid.addWidget(card, i // cols, i % cols)
+        self._cols = 1 if n == 1 else 2 if n <= 8 else 4
+        self.cards = []
+        for i in range(n):
+            self._add_card(TrajectoryCard(i, self._mono))
+
+    def _add_card(self, card: TrajectoryCard) -> None:
+        i = len(self.cards)
+        self.cards.append(card)
+        self.grid.addWidget(card, i // self._cols, i % self._cols)
 
     # -- from the worker -------------------------------------------------------
 
@@ -445,12 +490,14 @@ class MainWindow(QMainWindow):
     @Slot(list)
     def _on_updates(self, updates: list) -> None:
         for u in updates:
-            if 0 <= u.index < len(self.cards):
+            if u.kind == "fork" and u.index == len(self.cards) and 0 <= u.parent < len(self.cards):
+                self._add_card(TrajectoryCard(u.index, self._mono, self.cards[u.parent], u.n_tokens))
+            elif 0 <= u.index < len(self.cards):
                 self.cards[u.index].apply(u)
         if self.cards:
-            lead = max(self.cards, key=lambda c: (bool(c.s.steps), c.s.score))
+            lead = max(self.cards, key=lambda c: (bool(c.s.steps) and not c.stopped, c.s.score))
             for c in self.cards:
-                c.set_flags(False, c is lead and bool(c.s.steps))
+                c.set_flags(False, c is lead and bool(c.s.steps) and not c.stopped)
 
     @Slot(object)
     def _on_finished(self, result) -> None:
@@ -476,8 +523,11 @@ class MainWindow(QMainWindow):
             )
             self.answer.setPlainText(result.answer or best.text)
         rate = st.generated_tokens / st.total_s if st.total_s else 0.0
+        forks = sum(c.parent is not None for c in result.candidates)
+        stopped = sum(c.finish_reason in STOPPED for c in result.candidates)
+        search = f"; {result.strategy}: {forks} forks, {stopped} stopped" if forks or stopped else ""
         self.statusBar().showMessage(
-            f"{st.generated_tokens} tokens in {took:.1f} s ({rate:.0f} tokens/s over {result.n} trajectories)"
+            f"{st.generated_tokens} tokens in {took:.1f} s ({rate:.0f} tokens/s over {result.n} trajectories){search}"
         )
 
     @Slot(str)
