@@ -14,18 +14,20 @@ j of it that seed + j, forks their own index) and the same ``--max-new-tokens``:
   run, two picks: the same tokens);
 - beam search (``BeamSearch``, N sequence slots) picked by best-of-N, also reported with the
   weighted vote as pick;
-- early stop (``EarlyStop``), picked by the weighted vote of the trajectories that finished.
+- early stop (``EarlyStop``), picked by the weighted vote of the trajectories that finished:
+  all N started at once, or in waves (N / 2 sequences, a fresh trajectory started in each
+  slot that frees while the vote is open, as ``--strategy early-stop`` runs).
 
 Tokens are the tokens the engine sampled (``Stats.generated_tokens``: a fork's shared prefix
-counts once, for its parent). Early stop never changes what is sampled, only when the run
-ends, so the plain run also tells, exactly, when and with which answer every early-stop
-setting would have ended: the validation grid uses that, and the test run checks it against
-the live early-stop run (``early_stop_live_matches_replay``).
+counts once, for its parent). Early stop with all N at once never changes what is sampled,
+only when the run ends, so the plain run also tells, exactly, when and with which answer each
+such setting would have ended: the validation grid uses that replay (the waves run live), and
+a test run of such a setting checks it against the live run (``early_stop_live_matches_replay``).
 
 Validation (``--validation-problems``, problems of the *train* split) chooses the beam width
 (the most accurate, then the fewest tokens) and the early-stop setting (the fewest tokens among
 those within ``--tolerance`` of the weighted vote's accuracy, else the most accurate) before
-the test split is run with them; ``--beam-width`` / ``--min-agree`` / ``--reach`` skip it.
+the test split is run with them; ``--beam-width`` and ``--early`` skip it.
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ from edge_ms.select import select
 from edge_ms.sprm import request
 from edge_ms.tasks import make_problems
 
-BEAM_WIDTHS = (1, 2, 4)
-EARLY_GRID = tuple(itertools.product((2, 3), (0.25, 0.5, 1.0)))  # (min_agree, reach)
+BEAM_WIDTHS = (1, 2)
+REPLAYED = tuple(itertools.product((2, 3), (0.25, 0.5, 1.0)))  # (min_agree, reach), all N at once
+IN_WAVES = ((2, 0.25), (2, 0.5), (2, 1.0))  # (min_agree, reach), N / 2 sequences
 
 
 @dataclass
@@ -98,11 +101,15 @@ def run_one(engine: Engine, ids, params, n: int, policy=None):
     return trajs, stats.generated_tokens
 
 
-def solve_problem(engine: Engine, i: int, prob, args, beams: dict[str, BeamSearch], early: dict[str, EarlyStop],
-                  live_early: str | None) -> dict:
-    """Every strategy on problem ``i``: {strategy: (tokens, correct)}."""
+def solve_problem(engine: Engine, i: int, prob, args, beams: dict[str, BeamSearch],
+                  early: dict[str, tuple[int, float]], live_early: list[str]) -> dict:
+    """Every strategy on problem ``i``: {strategy: (tokens, correct)}.
+
+    ``early``: name -> (min_agree, reach) of the early stops replayed from the plain run;
+    ``live_early``: early stops run live (in waves when the name says so).
+    """
     ids, params = request(engine.model, prob, i, args.seed, args.max_new_tokens, args.temperature)
-    replay = Replay(early, prob.answer)
+    replay = Replay({name: EarlyStop(*g) for name, g in early.items()}, prob.answer)
     trajs, tokens = run_one(engine, ids, params, args.n, replay)
     cands = picks(trajs, prob.answer)
     out = {"best": (tokens, cands[select(cands, "best")].correct),
@@ -114,14 +121,16 @@ def solve_problem(engine: Engine, i: int, prob, args, beams: dict[str, BeamSearc
         cands = picks(trajs, prob.answer)
         out[name] = (tokens, cands[select(cands, "beam")].correct)
         out[name + " (weighted pick)"] = (tokens, cands[select(cands, "weighted")].correct)
-    if live_early is not None:
-        trajs, tokens = run_one(engine, ids, params, args.n, early[live_early])
+    for name in live_early:
+        min_agree, reach, waves = parse_early(name)
+        rule = EarlyStop(min_agree, reach, total=args.n if waves else None)
+        trajs, tokens = run_one(engine, ids, params, max(1, (args.n + 1) // 2) if waves else args.n, rule)
         cands = picks(trajs, prob.answer)
-        out["early-stop (live)"] = (tokens, cands[select(cands, "early-stop")].correct)
+        out[name + (" (live)" if name in out else "")] = (tokens, cands[select(cands, "early-stop")].correct)
     return out
 
 
-def run_split(model: Model, head, problems, args, beams, early, live_early=None, label="") -> list[dict]:
+def run_split(model: Model, head, problems, args, beams, early, live_early=(), label="") -> list[dict]:
     """All problems, ``--workers`` engines in threads (one llama.cpp context each)."""
     threads = max(1, model.settings.threads() // args.workers)
     engines = [Engine(model, head, n_threads=threads) for _ in range(args.workers)]
@@ -156,21 +165,26 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
-def early_name(min_agree: int, reach: float) -> str:
-    return f"early-stop min_agree={min_agree} reach={reach:g}"
+def early_name(min_agree: int, reach: float, waves: bool) -> str:
+    return f"early-stop{' in waves' if waves else ''} min_agree={min_agree} reach={reach:g}"
 
 
-def choose(summary: dict, tolerance: float) -> tuple[int, tuple[int, float]]:
+def parse_early(name: str) -> tuple[int, float, bool]:
+    """What early_name wrote, back: (min_agree, reach, waves)."""
+    words = dict(w.split("=") for w in name.split() if "=" in w)
+    return int(words["min_agree"]), float(words["reach"]), " in waves " in name
+
+
+def choose(summary: dict, tolerance: float) -> tuple[int, str]:
     """The beam width and early-stop setting the validation split points to."""
     width = max(BEAM_WIDTHS, key=lambda w: (summary[f"beam width={w}"]["accuracy"],
                                               -summary[f"beam width={w}"]["tokens"]))
     target = summary["weighted"]["accuracy"] - tolerance
-    close = [g for g in EARLY_GRID if summary[early_name(*g)]["accuracy"] >= target - 1e-9]
+    early = [name for name in summary if name.startswith("early-stop")]
+    close = [name for name in early if summary[name]["accuracy"] >= target - 1e-9]
     if close:
-        setting = min(close, key=lambda g: summary[early_name(*g)]["tokens"])
-    else:
-        setting = max(EARLY_GRID, key=lambda g: summary[early_name(*g)]["accuracy"])
-    return width, setting
+        return width, min(close, key=lambda name: summary[name]["tokens"])
+    return width, max(early, key=lambda name: summary[name]["accuracy"])
 
 
 def goals(s: dict, beam: str, early: str, tolerance: float) -> dict:
@@ -199,8 +213,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--tolerance", type=float, default=0.01, help="accuracy an early stop may give up")
     ap.add_argument("--beam-width", type=int, default=None, help="skip validating the beam width")
-    ap.add_argument("--min-agree", type=int, default=None, help="with --reach: skip validating early stop")
-    ap.add_argument("--reach", type=float, default=None)
+    ap.add_argument("--early", default=None, help="skip validating early stop, e.g. 'waves,2,0.5' or 'all,2,0.5'")
     ap.add_argument("--workers", type=int, default=1, help="problems run at once (the threads split between them)")
     ap.add_argument("--head", default=None, help="head to use (default: the shipped one)")
     ap.add_argument("--json", default="benchmarks/results/search.json")
@@ -216,31 +229,37 @@ def main() -> None:
     report: dict = {"command": " ".join(sys.argv), "n": args.n, "seed": args.seed, "temperature": args.temperature,
                     "max_new_tokens": args.max_new_tokens, "tolerance": args.tolerance,
                     "head": str(args.head or default_head_path())}
-    width, setting = args.beam_width, (args.min_agree, args.reach)
-    if args.validation_problems and (width is None or None in setting):
+    width, early = args.beam_width, None
+    if args.early:
+        how, min_agree, reach = args.early.split(",")
+        early = early_name(int(min_agree), float(reach), how == "waves")
+    if args.validation_problems and (width is None or early is None):
         problems = make_problems("train", args.validation_problems, args.seed)
         beams = {f"beam width={w}": BeamSearch(width=w) for w in BEAM_WIDTHS}
-        early = {early_name(*g): EarlyStop(*g) for g in EARLY_GRID}
-        rows = run_split(model, head, problems, args, beams, early, label="validation (train split)")
+        replayed = {early_name(*g, False): g for g in REPLAYED}
+        rows = run_split(model, head, problems, args, beams, replayed, [early_name(*g, True) for g in IN_WAVES],
+                         label="validation (train split)")
         summary = summarise(rows)
         chosen = choose(summary, args.tolerance)
         width = chosen[0] if width is None else width
-        setting = chosen[1] if None in setting else setting
+        early = chosen[1] if early is None else early
         report["validation"] = {"split": "train", "problems": len(problems), "strategies": summary,
-                                "chosen": {"beam_width": width, "min_agree": setting[0], "reach": setting[1]}}
-    if width is None or None in setting:
-        sys.exit("give --beam-width, --min-agree and --reach, or --validation-problems > 0")
-    beam, early = f"beam width={width}", early_name(*setting)
+                                "chosen": {"beam_width": width, "early_stop": early}}
+    if width is None or early is None:
+        sys.exit("give --beam-width and --early, or --validation-problems > 0")
+    beam = f"beam width={width}"
+    replayed = {} if parse_early(early)[2] else {early: parse_early(early)[:2]}
     problems = make_problems("test", args.problems, args.seed)
     t0 = time.time()
-    rows = run_split(model, head, problems, args, {beam: BeamSearch(width=width)}, {early: EarlyStop(*setting)},
-                     live_early=early, label="test split")
+    rows = run_split(model, head, problems, args, {beam: BeamSearch(width=width)}, replayed, [early],
+                     label="test split")
     summary = summarise(rows)
     report["test"] = {"split": "test", "problems": len(problems), "seconds": round(time.time() - t0, 1),
                       "strategies": summary, "goals": goals(summary, beam, early, args.tolerance),
-                      "early_stop_live_matches_replay": sum(r[early] == r["early-stop (live)"] for r in rows),
                       "per_problem": rows}
-    if "validation" in report and beam in report["validation"]["strategies"]:
+    if replayed:
+        report["test"]["early_stop_live_matches_replay"] = sum(r[early] == r[early + " (live)"] for r in rows)
+    if "validation" in report and {beam, early} <= report["validation"]["strategies"].keys():
         v = report["validation"]["strategies"]
         report["validation"]["goals"] = goals(v, beam, early, args.tolerance)
     model.close()

@@ -13,8 +13,9 @@ from edge_ms.engine import Event
 class TrajectoryView:
     """Feed it engine events; it redraws a table of tokens, steps and running scores.
 
-    A search (``--strategy beam``) adds rows as it forks: a fork starts with its parent's
-    tokens, steps and score, and says whose fork it is and after how many tokens.
+    A search adds rows as it goes: a fork (``--strategy beam``) starts with its parent's
+    tokens, steps and score, and says whose fork it is and after how many tokens; a fresh
+    start (``--strategy early-stop``, in waves) starts empty.
     """
 
     def __init__(self, n: int, console: Console | None = None, title: str = "") -> None:
@@ -44,6 +45,10 @@ class TrajectoryView:
                 col.append(col[p])
             self.state.append("running")
             self.origin.append(f"#{p} @{event.n_tokens}")
+        elif event.kind == "start":
+            for col, fresh in ((self.tokens, 0), (self.steps, 0), (self.last_step, None), (self.score, 0.0),
+                               (self.state, "running"), (self.origin, "")):
+                col.append(fresh)
         elif event.kind == "token":
             self.tokens[i] = event.n_tokens
         elif event.kind == "step":
@@ -62,7 +67,8 @@ class TrajectoryView:
             table.add_column(col, justify="left" if col in ("state", "fork of") else "right")
         best = max(range(len(self.score)), key=lambda i: self.score[i]) if self.score else -1
         for i in range(len(self.tokens)):
-            style = "bold green" if i == best and self.steps[i] else "dim" if self.state[i] == "pruned" else ""
+            stopped = self.state[i] in ("pruned", "early-stop")
+            style = "bold green" if i == best and self.steps[i] else "dim" if stopped else ""
             last = f"{self.last_step[i]:.3g}" if self.last_step[i] is not None else "-"
             row = [str(i), str(self.tokens[i]), str(self.steps[i]), last, f"{self.score[i]:.3g}", self.state[i]]
             table.add_row(*row, *([self.origin[i]] if forked else []), style=style)

@@ -46,9 +46,9 @@ class Trajectory:
     # has finished (as in llama.cpp's examples/batched). After the prompt every sequence points
     # at the prompt's last token, so the first round needs no special case.
     i_batch: int = -1
-    # The llama.cpp sequence (slot) it runs in: its index, unless it is a fork that took over
-    # the slot of a stopped trajectory (edge_ms.search). A fork records its parent's index and
-    # how many of its tokens it shares with the parent.
+    # The llama.cpp sequence (slot) it runs in: its index, unless a search (edge_ms.search)
+    # forked or started it in the slot of a trajectory that ended. A fork records its parent's
+    # index and how many of its tokens it shares with the parent.
     seq: int = -1
     parent: int | None = None
     fork_at: int | None = None
@@ -86,13 +86,14 @@ class Trajectory:
 
 @dataclass
 class Event:
-    """Progress of one trajectory: a token, a scored step, a fork, or its end. ``done`` carries all of them.
+    """Progress of one trajectory: a token, a scored step, a fork or start, or its end. ``done`` carries all of them.
 
     A ``fork`` event announces a new trajectory ``index``, forked from ``parent`` after its
-    first ``n_tokens`` tokens (which the fork shares); its own tokens follow as usual.
+    first ``n_tokens`` tokens (which the fork shares); a ``start`` event, a new trajectory
+    started afresh from the prompt in a freed sequence. Their own tokens follow as usual.
     """
 
-    kind: str  # "token" | "step" | "fork" | "finish" | "done"
+    kind: str  # "token" | "step" | "fork" | "start" | "finish" | "done"
     index: int = -1
     token: int | None = None
     n_tokens: int = 0
@@ -277,8 +278,9 @@ class Engine:
         The phases read top to bottom: prefill the prompt, fork it into ``n`` sequences,
         then rounds of sample, score, search, retire, decode until no sequence is live.
         ``policy`` (edge_ms.search) is consulted after each round that scored a step or ended a
-        trajectory: it may stop live trajectories and fork others into the freed sequences, so
-        the run can end with more than ``n`` trajectories (never more than ``n`` live at once).
+        trajectory: it may stop live trajectories, fork others into the freed sequences or
+        start fresh ones there, so the run can end with more than ``n`` trajectories (never
+        more than ``n`` live at once).
         Cancelling (``should_stop`` returning True, or :attr:`abort` set from another thread)
         ends every live trajectory with finish_reason ``cancelled``.
         """
@@ -298,6 +300,8 @@ class Engine:
             return
         trajs = self._fork(prompt_ids, n, params, prefill, stats)
         completed = False
+        root = Trajectory(-1, trajs[0].tracker.copy(),  # what a fresh start copies: the prompt's state
+                          rows=None if trajs[0].rows is None else dict(trajs[0].rows))
         try:
             live, batch_rows = list(trajs), prefill.last_rows
             while live:
@@ -305,14 +309,15 @@ class Engine:
                     raise _Aborted()
                 events, to_score = self._sample_round(ctx, live, batch_rows, params, stats)
                 events += self._score_round(to_score, stats)
-                parents = []
+                parents, fresh = [], 0
                 if policy is not None and (to_score or not all(t.live for t in live)):
-                    parents = _apply_policy(policy, trajs, n)
+                    parents, fresh = _apply_policy(policy, trajs, n)
                 events += self._retire(live, len(prompt_ids))
-                yield from events
                 live = [t for t in live if t.live]
+                events += self._restart(fresh, root, trajs, live, n, params, prompt_ids)
+                yield from events
                 if live:
-                    batch_rows = self._decode_round(ctx, live, len(prompt_ids), stats)
+                    batch_rows = self._decode_round(ctx, live, prompt_ids, stats)
                     yield from self._branch(parents, trajs, live, n, params, prompt_ids)
             completed = True
         except _Aborted:
@@ -451,11 +456,16 @@ class Engine:
                                 finish_reason=traj.finish_reason))
         return events
 
-    def _decode_round(self, ctx, live: list[Trajectory], n_prompt: int, stats: Stats) -> np.ndarray | None:
-        """Decode every live trajectory's newest token in one batch; each keeps its index in it."""
+    def _decode_round(self, ctx, live: list[Trajectory], prompt_ids: list[int], stats: Stats) -> np.ndarray | None:
+        """Decode every live trajectory's newest token in one batch; each keeps its index in it.
+
+        A trajectory started afresh (no token yet) decodes the prompt's last token again in its
+        own sequence, for the logits and tapped row its first token follows.
+        """
         items = []
         for j, traj in enumerate(live):
-            items.append((traj.tokens[-1], n_prompt + len(traj.tokens) - 1, traj.seq, True))
+            newest = traj.tokens[-1] if traj.tokens else prompt_ids[-1]
+            items.append((newest, len(prompt_ids) + len(traj.tokens) - 1, traj.seq, True))
             traj.i_batch = j
         t0 = time.perf_counter()
         rows = self._decode(ctx, items)
@@ -489,6 +499,26 @@ class Engine:
                                 score=child.score()))
         return events
 
+    def _restart(self, count: int, root: Trajectory, trajs: list[Trajectory], live: list[Trajectory], n: int,
+                 params: SamplingParams, prompt_ids: list[int]) -> list[Event]:
+        """Start ``count`` fresh trajectories from the prompt in free sequences (before the decode).
+
+        A free sequence holds the prompt's cells (``_retire`` keeps them); its last one is
+        decoded again with the round, so a fresh trajectory number i is trajectory i of a
+        plain run: the same state, the same seed, the same penalty history.
+        """
+        free = sorted(set(range(n)) - {t.seq for t in live})
+        events = []
+        for seq in free[:count]:
+            llama_cpp.llama_memory_seq_rm(self._mem, seq, len(prompt_ids) - 1, -1)
+            traj = Trajectory(len(trajs), root.tracker.copy(), seq=seq,
+                              rows=dict(root.rows) if root.rows is not None else None)
+            traj.sampler = make_sampler(params, self.model.n_vocab, params.seed + traj.index, prompt_ids)
+            trajs.append(traj)
+            live.append(traj)
+            events.append(Event("start", index=traj.index))
+        return events
+
     def _reusable(self, prompt_ids: list[int], prompt_cands: list[int]) -> int:
         """How many leading prompt tokens seq 0 already holds, with every tapped row they need."""
         common = 0
@@ -515,13 +545,13 @@ class _Prefill:
     last_index: int  # the prompt's last token in the last batch: where its logits are
 
 
-def _apply_policy(policy: SearchPolicy, trajs: list[Trajectory], n: int) -> list[Trajectory]:
-    """Stop what the policy stops; the parents it wants forked, for after the decode."""
+def _apply_policy(policy: SearchPolicy, trajs: list[Trajectory], n: int) -> tuple[list[Trajectory], int]:
+    """Stop what the policy stops; the parents it wants forked (after the decode), and how many to start afresh."""
     decision = policy(trajs, n - sum(t.live for t in trajs))
     for idx in decision.stop:
         if trajs[idx].live:
             trajs[idx].finish_reason = decision.reason
-    return [trajs[idx] for idx in decision.fork if trajs[idx].live]
+    return [trajs[idx] for idx in decision.fork if trajs[idx].live], decision.spawn
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,9 @@ from edge_ms.search import BeamSearch, EarlyStop, PruneRule, SearchPolicy
 from edge_ms.select import STRATEGIES, select
 from edge_ms.store import locate
 
+# Early stop's setting, chosen on the validation split of benchmarks/bench_search.py.
+EARLY_STOP_DEFAULTS = {"min_agree": 2, "reach": 0.5}
+
 
 @dataclass
 class Candidate:
@@ -187,13 +190,14 @@ class Reasoner:
             raise EdgeMSError(f"--strategy {strategy}: unknown (choose from {', '.join(STRATEGIES)})")
         if seed is None:
             seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+        slots = n_seq
         if policy is None:
-            policy = self.search_policy(strategy, n_seq, beam_width)
+            policy, slots = self.search_policy(strategy, n_seq, beam_width)
         params = SamplingParams(temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
                                 seed=seed, max_new_tokens=max_new_tokens, stop=tuple(stop))
         ids = self.prompt_ids(prompt, raw)
         stats = Stats()
-        for event in self.engine.generate(ids, n_seq, params, policy=policy, should_stop=should_stop, stats=stats):
+        for event in self.engine.generate(ids, slots, params, policy=policy, should_stop=should_stop, stats=stats):
             if event.kind != "done":
                 yield event
                 continue
@@ -203,24 +207,26 @@ class Reasoner:
             yield Done(Result(mode=mode, n=n_seq, selected=chosen, answer=cands[chosen].answer if cands else "",
                               prompt_token_ids=ids, candidates=cands, strategy=strategy, seed=seed, stats=stats))
 
-    def search_policy(self, strategy: str, n: int, beam_width: int | None = None) -> SearchPolicy | None:
-        """The search a strategy runs while the trajectories grow (None: plain sampling of N).
+    def search_policy(self, strategy: str, n: int, beam_width: int | None = None) -> tuple[SearchPolicy | None, int]:
+        """The search a strategy runs while the trajectories grow (None: plain sampling), and its sequences.
 
         ``beam_width`` (beam only): partial trajectories kept at each depth, default N // 4
-        (at least 1), so that each kept one has about four of the N sequences.
+        (at least 1), so that each kept one has about four of the N sequences. Early stop
+        runs the N trajectories in two waves of N / 2 sequences (``EarlyStop.total``).
         """
         if beam_width is not None and strategy != "beam":
             raise EdgeMSError(f"--beam-width: only for --strategy beam, not {strategy}")
         if strategy == "prune":
-            return PruneRule()
+            return PruneRule(), n
         if strategy == "beam":
             width = max(1, n // 4) if beam_width is None else beam_width
             if not 1 <= width <= n:
                 raise EdgeMSError(f"--beam-width {width}: must be from 1 to N = {n}")
-            return BeamSearch(width=width)
+            return BeamSearch(width=width), n
         if strategy == "early-stop":
-            return EarlyStop(answer_of=lambda t: self._answer_key(t.decoded()))
-        return None
+            rule = EarlyStop(**EARLY_STOP_DEFAULTS, total=n, answer_of=lambda t: self._answer_key(t.decoded()))
+            return rule, max(1, (n + 1) // 2)
+        return None, n
 
     def solve(self, prompt: str | list[dict[str, str]], mode: str = "medium", n: int | None = None,
               on_event: Callable[[Event], None] | None = None, **kwargs) -> Result:

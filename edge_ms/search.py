@@ -14,7 +14,8 @@ Three policies; the choice of a final trajectory stays in :mod:`edge_ms.select`:
 - :class:`BeamSearch` (``--strategy beam``): compare trajectories at equal depth (number of
   scored steps), stop those below the beam, refill their slots by forking the best.
 - :class:`EarlyStop` (``--strategy early-stop``): end every live trajectory once the
-  SPRM-weighted vote among the finished ones can no longer be overturned.
+  SPRM-weighted vote among the finished ones can no longer be overturned; optionally in
+  waves, fewer sequences than trajectories, starting fresh ones only while the vote is open.
 
 Finish reasons: a trajectory stopped by pruning or beam search ends ``"pruned"``, one ended
 by early stop ``"early-stop"``; neither is ever selected (``select.UNFINISHED``).
@@ -56,11 +57,13 @@ class Partial(Protocol):
 
 @dataclass(frozen=True)
 class Decision:
-    """Live trajectories to stop (with ``reason``), and parents to fork into free slots, in order."""
+    """Live trajectories to stop (with ``reason``); parents to fork into free slots, in order; then
+    how many fresh trajectories to start from the prompt in the slots left."""
 
     stop: tuple[int, ...] = ()
     fork: tuple[int, ...] = ()
     reason: str = PRUNED
+    spawn: int = 0
 
 
 # A search policy: (every trajectory so far, free sequence slots) -> Decision.
@@ -174,19 +177,28 @@ class EarlyStop:
     live trajectory ends better than the best finished one (``reach`` = 1). The run ends
     (``"early-stop"``) when at least ``min_agree`` finished trajectories give the leading
     answer and its weight exceeds the runner-up's by more than all the live ones could bring.
+
+    With ``total``, the run has fewer sequences than ``total`` trajectories: each slot that
+    frees while the vote is open starts a fresh trajectory, until ``total`` have started; the
+    ones not started yet count as live ones without a step. All started at once, trajectories
+    tend to finish together and an early stop saves only their tails; in waves, the later
+    ones are never sampled when the first settle the vote.
     ``answer_of``: a finished trajectory's answer key (default: the last "The answer is N" or
     \\boxed{} of its text; the Reasoner passes its own, which reads past ``</think>``).
     """
 
     min_agree: int = 2
     reach: float = 1.0
+    total: int | None = None
     answer_of: Callable[[Partial], str | None] | None = None
 
     def __call__(self, trajectories: Sequence[Partial], free: int = 0) -> Decision:
         live = [t for t in trajectories if t.live]
         done = [t for t in trajectories if not t.live and t.finish_reason not in UNFINISHED]
-        if not live or not done:
-            return Decision()
+        unstarted = max(0, (self.total or 0) - len(trajectories))
+        more = Decision(spawn=min(free, unstarted))
+        if not (live or unstarted) or not done:
+            return more
         answer_of = self.answer_of or (lambda t: extract_answer(t.decoded()))
         weight: dict[str, float] = defaultdict(float)
         votes: dict[str, int] = defaultdict(int)
@@ -196,12 +208,12 @@ class EarlyStop:
                 weight[key] += t.score()
                 votes[key] += 1
         if not weight:
-            return Decision()
+            return more
         ranked = sorted(weight.items(), key=lambda kv: kv[1], reverse=True)
         lead_key, lead = ranked[0]
         runner_up = ranked[1][1] if len(ranked) > 1 else 0.0
         ceiling = self.reach * max(t.score() for t in done)
-        at_stake = sum(max(t.score(), ceiling) for t in live)
+        at_stake = sum(max(t.score(), ceiling) for t in live) + unstarted * ceiling
         if votes[lead_key] >= self.min_agree and lead - runner_up > at_stake:
             return Decision(stop=tuple(t.index for t in live), reason=EARLY_STOP)
-        return Decision()
+        return more

@@ -194,7 +194,7 @@ class Worker:
             )
         n = MODES[job.mode]
         r.engine.plan_context(len(ids), n, max_new)  # the KV budget check, before anything runs
-        progress = {"n": n, "finished": 0, "generated_tokens": 0, "steps": 0, "forks": 0}
+        progress = {"n": n, "finished": 0, "generated_tokens": 0, "steps": 0, "forks": 0, "started": 0}
         t0 = last = time.monotonic()
         result: Result | None = None
         for ev in r.stream(
@@ -208,6 +208,7 @@ class Worker:
             progress["steps"] += ev.kind == "step"
             progress["finished"] += ev.kind == "finish"
             progress["forks"] += ev.kind == "fork"
+            progress["started"] += ev.kind in ("fork", "start")
             now = time.monotonic()
             if job.stream and (ev.kind == "finish" or now - last >= PROGRESS_EVERY_S):
                 job.post("progress", dict(progress))

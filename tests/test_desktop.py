@@ -140,6 +140,26 @@ def test_beam_search_shows_forks_and_stopped_trajectories(window, qapp):
     assert "forks" in win.statusBar().currentMessage()
 
 
+def test_early_stop_runs_in_waves_and_greys_what_it_stopped(window, qapp):
+    win = window
+    assert win.ask("Compute 12 * 7 step by step.", mode="medium", max_new_tokens=40, seed=3, strategy="early-stop")
+    states = []
+
+    def done() -> bool:
+        states.append([c.s.state for c in win.cards])
+        return not win.busy
+
+    wait_until(qapp, done)
+    res = win.result
+    assert win.error is None and res.strategy == "early-stop" and len(win.cards) == 8
+    # Four sequences: the second wave waited for the first to free its slots.
+    assert any(s[:4] == ["running"] * 4 and s[4:] == ["waiting"] * 4 for s in states)
+    for card, cand in zip(win.cards, res.candidates):
+        assert cand.finish_reason in card.header.text() and card.s.tokens == len(cand.token_ids)
+    assert len(res.candidates) == 8  # the fixture states no answer: the vote never settles
+    assert win.cards[res.selected].chosen
+
+
 def test_cancel_stops_the_trajectories(window, qapp):
     win = window
     # 32 trajectories: the fixture ends a trajectory now and then, but not all 32 within 3000 tokens.

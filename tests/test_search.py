@@ -130,6 +130,18 @@ def test_early_stop_waits_until_the_weighted_vote_cannot_be_overturned():
     assert EarlyStop(min_agree=2, reach=0.1)(done + [T(3, [0.1]), T(4, [])], 0).stop == (3, 4)
 
 
+def test_early_stop_in_waves_starts_fresh_trajectories_while_the_vote_is_open():
+    rule = EarlyStop(min_agree=2, reach=0.5, total=8)
+    wave = [T(0, [0.8], "stop", answer="7"), T(1, [0.7], "stop", answer="7"), T(2, [0.1]), T(3, [0.2])]
+    # Lead 1.5; the two live ones may bring 0.4 each: settled, unless 4 more are still to start.
+    assert EarlyStop(min_agree=2, reach=0.5)(wave, 2) == Decision(stop=(2, 3), reason="early-stop")
+    assert rule(wave, 2) == Decision(spawn=2)  # 4 of 8 started, two slots free: start two more
+    # Settled even counting the ones not started: none of them is.
+    assert EarlyStop(min_agree=2, reach=0.1, total=8)(wave, 2) == Decision(stop=(2, 3), reason="early-stop")
+    assert rule(wave[2:], 2) == Decision(spawn=2)  # nothing finished yet: keep the slots busy
+    assert rule(wave + [T(i, [0.5]) for i in range(4, 8)], 0) == Decision()  # all 8 started
+
+
 # -- forks in the engine ----------------------------------------------------------------
 
 
@@ -314,6 +326,30 @@ def test_early_stop_ends_the_live_trajectories_at_once_and_frees_their_cells(con
     for t, p in zip(trajs, plain):  # the same run up to the stop: a prefix of the plain one
         assert t.tokens == p.tokens[: len(t.tokens)]
     assert sum(len(t.tokens) for t in trajs) < sum(len(t.tokens) for t in plain)
+
+
+def test_a_fresh_start_in_a_freed_sequence_is_the_trajectory_a_plain_run_samples(converted, torch_side):
+    model, _, head = torch_side
+    r = Reasoner.load(converted("tiny-qwen2", "f32"))
+    waves = EarlyStop(total=8, answer_of=lambda t: None)  # never settles: all 8 run, 3 at a time
+    try:
+        ids = r.prompt_ids("Compute 12 * 7 step by step.")
+        # A seed whose tokens no batch-composition noise flips on the fixture (3 sequences decode
+        # in other batches than 8, which moves logits by ~1e-5 and can flip a near tie).
+        params = SamplingParams(seed=3, max_new_tokens=60)
+        plain = next(ev for ev in r.engine.generate(ids, 8, params) if ev.kind == "done").trajectories
+        events = list(r.engine.generate(ids, 3, params, policy=waves))
+    finally:
+        r.close()
+    trajs = events[-1].trajectories
+    assert [ev.index for ev in events if ev.kind == "start"] == list(range(3, 8))
+    assert all(t.finish_reason in ("stop", "length") for t in trajs) and {t.seq for t in trajs} == {0, 1, 2}
+    spec = {k: getattr(r.head.spec, k) for k in SPEC_KEYS}
+    for t, p in zip(trajs, plain):  # same seed, same history, same prompt state
+        assert t.tokens == p.tokens
+        ref = reference.score_sequence(model, head, ids + t.tokens, spec)
+        assert t.steps()[0] == ref["step_positions"]
+        assert t.steps()[1] == pytest.approx(ref["step_scores"], abs=2e-3)
 
 
 def test_pruning_generates_fewer_tokens(converted):

@@ -3,7 +3,8 @@ with their step scores, and get the one the SPRM head scored best.
 
 A search strategy shows as it runs: beam search stops weak trajectories (their cards turn
 grey, "pruned") and forks strong ones (a new card, "fork of #p after k tokens", that starts
-with its parent's text); early stop greys out the live ones once the weighted vote is settled.
+with its parent's text); early stop runs the trajectories in two waves (the second wave's
+cards appear as slots free) and greys out the live ones once the weighted vote is settled.
 
     python examples/desktop/app.py                  # the embedded default model
     python examples/desktop/app.py --model DIR      # a converted model: directory, store name, or GGUF + --head
@@ -52,7 +53,7 @@ FLUSH_S = 0.05  # the worker batches events: one signal per 50 ms, not one per t
 
 # What the strategy box offers, in order (edge_ms.select.STRATEGIES has them all).
 STRATEGY_CHOICES = ("best", "weighted", "beam", "early-stop", "prune", "majority")
-STOPPED = ("pruned", "early-stop")
+STOPPED = ("pruned", "early-stop", "not started")
 
 
 @dataclass
@@ -200,7 +201,7 @@ class CardState:
     tokens: int = 0
     steps: list[float] = field(default_factory=list)
     score: float = 0.0
-    state: str = "running"
+    state: str = "waiting"  # until its first token: early stop starts its second wave later
     text: bytearray = field(default_factory=bytearray)
 
 
@@ -243,6 +244,8 @@ class TrajectoryCard(QFrame):
         if u.kind == "token":
             s.tokens = u.n_tokens
             s.text += u.piece
+            if s.state == "waiting":
+                s.state = "running"
         elif u.kind == "step":
             s.steps.append(u.step_score)
             s.score = u.score
@@ -492,6 +495,8 @@ class MainWindow(QMainWindow):
         for u in updates:
             if u.kind == "fork" and u.index == len(self.cards) and 0 <= u.parent < len(self.cards):
                 self._add_card(TrajectoryCard(u.index, self._mono, self.cards[u.parent], u.n_tokens))
+            elif u.kind == "start" and u.index == len(self.cards):
+                self._add_card(TrajectoryCard(u.index, self._mono))
             elif 0 <= u.index < len(self.cards):
                 self.cards[u.index].apply(u)
         if self.cards:
@@ -505,6 +510,9 @@ class MainWindow(QMainWindow):
         self._set_busy(False)
         for cand in result.candidates:
             self.cards[cand.index].finalize(cand)
+        for c in self.cards[len(result.candidates):]:  # early stop settled before they started
+            c.s.state, c.dirty = "not started", True
+            c._style()
         for c in self.cards:
             c.set_flags(c.index == result.selected, False)
         self._refresh()
