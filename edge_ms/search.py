@@ -3,10 +3,11 @@
 A search policy is what ``Engine.generate`` consults after every round in which a step was
 scored or a trajectory finished. It sees every trajectory of the run (live, finished, stopped,
 forks included) and how many of the N sequence slots are free, and returns a :class:`Decision`:
-live trajectories to stop now, and live trajectories to fork into free slots. A fork shares
-its parent's KV cells (``llama_memory_seq_cp``), copies its tokens, step scores and sampler
-history, and draws its next token from the parent's logits with its own seed, so its step
-positions and scores are exactly those of its prefix plus its own.
+live trajectories to stop now, live trajectories to fork into free slots, and how many fresh
+trajectories to start there. A fork shares its parent's KV cells (``llama_memory_seq_cp``),
+copies its tokens, step scores and sampler history, and draws its next token from the
+parent's logits with its own seed, so its step positions and scores are exactly those of its
+prefix plus its own. A fresh start is what a plain run's trajectory of that index would be.
 
 Three policies; the choice of a final trajectory stays in :mod:`edge_ms.select`:
 
@@ -178,11 +179,12 @@ class EarlyStop:
     (``"early-stop"``) when at least ``min_agree`` finished trajectories give the leading
     answer and its weight exceeds the runner-up's by more than all the live ones could bring.
 
-    With ``total``, the run has fewer sequences than ``total`` trajectories: each slot that
-    frees while the vote is open starts a fresh trajectory, until ``total`` have started; the
-    ones not started yet count as live ones without a step. All started at once, trajectories
-    tend to finish together and an early stop saves only their tails; in waves, the later
-    ones are never sampled when the first settle the vote.
+    With ``total``, the run has fewer sequences than ``total`` trajectories and goes in
+    waves: once every trajectory of a wave has ended and the vote is still open, a new wave
+    fills the free sequences with fresh trajectories, until ``total`` have started; the ones
+    not started yet count as live ones without a step. All started at once, trajectories tend
+    to finish together and an early stop saves only their tails; in waves, the later ones are
+    never sampled when the first settle the vote (at the price of waiting for each wave).
     ``answer_of``: a finished trajectory's answer key (default: the last "The answer is N" or
     \\boxed{} of its text; the Reasoner passes its own, which reads past ``</think>``).
     """
@@ -196,7 +198,7 @@ class EarlyStop:
         live = [t for t in trajectories if t.live]
         done = [t for t in trajectories if not t.live and t.finish_reason not in UNFINISHED]
         unstarted = max(0, (self.total or 0) - len(trajectories))
-        more = Decision(spawn=min(free, unstarted))
+        more = Decision(spawn=0 if live else min(free, unstarted))
         if not (live or unstarted) or not done:
             return more
         answer_of = self.answer_of or (lambda t: extract_answer(t.decoded()))

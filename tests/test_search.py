@@ -135,11 +135,14 @@ def test_early_stop_in_waves_starts_fresh_trajectories_while_the_vote_is_open():
     wave = [T(0, [0.8], "stop", answer="7"), T(1, [0.7], "stop", answer="7"), T(2, [0.1]), T(3, [0.2])]
     # Lead 1.5; the two live ones may bring 0.4 each: settled, unless 4 more are still to start.
     assert EarlyStop(min_agree=2, reach=0.5)(wave, 2) == Decision(stop=(2, 3), reason="early-stop")
-    assert rule(wave, 2) == Decision(spawn=2)  # 4 of 8 started, two slots free: start two more
-    # Settled even counting the ones not started: none of them is.
+    assert rule(wave, 2) == Decision()  # open, but the wave is still running: wait for it
+    ended = wave[:2] + [T(2, [0.1], "stop", answer="5"), T(3, [0.2], "length")]
+    assert rule(ended, 4) == Decision(spawn=4)  # the wave is over and the vote open: the next wave
+    # Settled even counting the ones not started: none of them ever is.
     assert EarlyStop(min_agree=2, reach=0.1, total=8)(wave, 2) == Decision(stop=(2, 3), reason="early-stop")
-    assert rule(wave[2:], 2) == Decision(spawn=2)  # nothing finished yet: keep the slots busy
-    assert rule(wave + [T(i, [0.5]) for i in range(4, 8)], 0) == Decision()  # all 8 started
+    settled = EarlyStop(min_agree=2, reach=0.1, total=8)(ended, 4)
+    assert settled.stop == () and settled.spawn == 0  # nothing live to stop, no next wave
+    assert rule(ended + [T(i, [0.5]) for i in range(4, 8)], 0) == Decision()  # all 8 started
 
 
 # -- forks in the engine ----------------------------------------------------------------
