@@ -94,7 +94,7 @@ def _load_reasoner(model, quant, head, threads, n_gpu_layers, kv_type, extra_buf
 @click.option("--strategy", default="best", show_default=True,
               help="best (SPRM best-of-N), majority, weighted (SPRM-weighted vote), prune (stop trajectories that "
                    "fall behind), beam (fork the best partial trajectories into the slots of the weakest), "
-                   "early-stop (N in two waves of N / 2, ended once the SPRM-weighted vote is settled).")
+                   "early-stop (end once the SPRM-weighted vote is settled).")
 @click.option("--beam-width", type=int, default=None,
               help="With --strategy beam: partial trajectories kept at each step (default N / 4).")
 @click.option("--raw", is_flag=True, help="Do not apply the model's chat template.")

@@ -3,8 +3,8 @@ with their step scores, and get the one the SPRM head scored best.
 
 A search strategy shows as it runs: beam search stops weak trajectories (their cards turn
 grey, "pruned") and forks strong ones (a new card, "fork of #p after k tokens", that starts
-with its parent's text); early stop runs the trajectories in two waves (the second wave's
-cards appear as slots free) and greys out the live ones once the weighted vote is settled.
+with its parent's text); early stop greys out the live ones once the weighted vote is
+settled. A card waits ("waiting") until its trajectory's first token: a search may start it later.
 
     python examples/desktop/app.py                  # the embedded default model
     python examples/desktop/app.py --model DIR      # a converted model: directory, store name, or GGUF + --head
