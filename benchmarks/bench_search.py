@@ -15,8 +15,8 @@ j of it that seed + j, forks their own index) and the same ``--max-new-tokens``:
 - beam search (``BeamSearch``, N sequence slots) picked by best-of-N, also reported with the
   weighted vote as pick;
 - early stop (``EarlyStop``), picked by the weighted vote of the trajectories that finished:
-  all N started at once, or in waves (N / 2 sequences, a fresh trajectory started in each
-  slot that frees while the vote is open, as ``--strategy early-stop`` runs).
+  all N started at once (as ``--strategy early-stop`` runs), or in waves of N / 2 sequences
+  (``EarlyStop(total=N)``: the next wave starts once the last has ended with the vote open).
 
 Tokens are the tokens the engine sampled (``Stats.generated_tokens``: a fork's shared prefix
 counts once, for its parent). Early stop with all N at once never changes what is sampled,
