@@ -37,7 +37,8 @@ from edge_ms.default_model import default_head_path, find_default_gguf
 from edge_ms.engine import Engine
 from edge_ms.head import load_head, write_head
 from edge_ms.model import Model
-from edge_ms.select import PruneRule, best_of_n
+from edge_ms.search import PruneRule
+from edge_ms.select import best_of_n
 from edge_ms.sprm import best_indices, default_spec, evaluate, request, rescore, sample
 from edge_ms.tasks import make_problems
 from edge_ms.train import init_head
@@ -141,7 +142,7 @@ def main() -> None:
         for i, prob in enumerate(problems[:k]):
             ids, params = request(model, prob, i, args.seed, args.max_new_tokens, args.temperature)
             for name, prune in (("plain", None), ("pruned", rule)):
-                trajs = next(ev.trajectories for ev in engine.generate(ids, args.prune_n, params, prune=prune)
+                trajs = next(ev.trajectories for ev in engine.generate(ids, args.prune_n, params, policy=prune)
                              if ev.kind == "done")
                 tokens[name] += sum(len(t.tokens) for t in trajs)
                 cands = [_Pick(t, is_correct(t.decoded(), prob.answer)) for t in trajs]

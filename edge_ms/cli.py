@@ -99,7 +99,12 @@ def _load_reasoner(model, quant, head, threads, n_gpu_layers, kv_type, extra_buf
 @click.option("--top-p", type=float, default=0.95, show_default=True)
 @click.option("--repetition-penalty", type=float, default=1.05, show_default=True)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
-@click.option("--strategy", default="best", show_default=True, help="best (SPRM best-of-N), majority, weighted (SPRM-weighted vote), prune (stop trajectories that fall behind).")
+@click.option("--strategy", default="best", show_default=True,
+              help="best (SPRM best-of-N), majority, weighted (SPRM-weighted vote), prune (stop trajectories that "
+                   "fall behind), beam (fork the best partial trajectories into the slots of the weakest), "
+                   "early-stop (end once the SPRM-weighted vote is settled).")
+@click.option("--beam-width", type=int, default=None,
+              help="With --strategy beam: partial trajectories kept at each step (default N / 4).")
 @click.option("--min-confidence", type=float, default=None,
               help="Say 'not sure' when the answer's calibrated confidence is below this (needs a calibrated head).")
 @click.option("--raw", is_flag=True, help="Do not apply the model's chat template.")
@@ -111,7 +116,7 @@ def _load_reasoner(model, quant, head, threads, n_gpu_layers, kv_type, extra_buf
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @_one_line_errors
 def solve(prompt, model, quant, head, threads, n_gpu_layers, kv_type, extra_bufts, memory, mode, n, seed,
-          max_new_tokens, temperature, top_p, repetition_penalty, stop, strategy, min_confidence, raw,
+          max_new_tokens, temperature, top_p, repetition_penalty, stop, strategy, beam_width, min_confidence, raw,
           prompt_style, kv_layout, as_json) -> None:
     """Sample N reasoning trajectories for PROMPT, score every step, print the best answer."""
     import json
@@ -127,7 +132,8 @@ def solve(prompt, model, quant, head, threads, n_gpu_layers, kv_type, extra_buft
         raise EdgeMSError(f"{reasoner.head.path}: --min-confidence needs a calibrated head and this one has no "
                           f"calibration (add one with `edge-ms calibrate`)")
     kwargs = dict(seed=seed, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                  repetition_penalty=repetition_penalty, stop=stop, raw=raw, strategy=strategy, kv_layout=kv_layout)
+                  repetition_penalty=repetition_penalty, stop=stop, raw=raw, strategy=strategy, beam_width=beam_width,
+                  kv_layout=kv_layout)
     if as_json or not sys.stderr.isatty():
         result = reasoner.solve(prompt, mode, n, **kwargs)
     else:

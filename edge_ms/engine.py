@@ -26,6 +26,7 @@ from edge_ms.model import KV_TYPES, Model
 from edge_ms.plan import ENGINE_BATCH, layout_estimate, shape_from_model
 from edge_ms.sampling import SamplingParams, make_sampler
 from edge_ms.score import StepTracker, candidate_positions, starts_step
+from edge_ms.search import SearchPolicy
 from edge_ms.sizes import human_size
 from edge_ms.tap import AbortFlag, Tap
 
@@ -48,6 +49,16 @@ class Trajectory:
     # has finished (as in llama.cpp's examples/batched). After the prompt every sequence points
     # at the prompt's last token, so the first round needs no special case.
     i_batch: int = -1
+    # The llama.cpp sequence (slot) it runs in: its index, unless a search (edge_ms.search)
+    # forked or started it in the slot of a trajectory that ended. A fork records its parent's
+    # index and how many of its tokens it shares with the parent.
+    seq: int = -1
+    parent: int | None = None
+    fork_at: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.seq < 0:
+            self.seq = self.index
 
     def step_rows(self) -> np.ndarray:
         """Hidden states of the scored positions (needs ``Engine(keep_rows=True)``), for training heads."""
@@ -70,12 +81,22 @@ class Trajectory:
         data = bytes(self.text if self.stop_at is None else self.text[: self.stop_at])
         return data.decode("utf-8", "replace")
 
+    def ends_step(self) -> bool:
+        """Whether the newest token is the delimiter that ended a scored step."""
+        positions, _ = self.steps()
+        return bool(positions) and positions[-1] == self.tracker.length - 2
+
 
 @dataclass
 class Event:
-    """Progress of one trajectory: a token, a scored step, or its end. ``done`` carries all of them."""
+    """Progress of one trajectory: a token, a scored step, a fork or start, or its end. ``done`` carries all of them.
 
-    kind: str  # "token" | "step" | "finish" | "done"
+    A ``fork`` event announces a new trajectory ``index``, forked from ``parent`` after its
+    first ``n_tokens`` tokens (which the fork shares); a ``start`` event, a new trajectory
+    started afresh from the prompt in a freed sequence. Their own tokens follow as usual.
+    """
+
+    kind: str  # "token" | "step" | "fork" | "start" | "finish" | "done"
     index: int = -1
     token: int | None = None
     n_tokens: int = 0
@@ -83,6 +104,7 @@ class Event:
     score: float = 0.0
     finish_reason: str | None = None
     trajectories: list[Trajectory] | None = None
+    parent: int | None = None
 
 
 @dataclass
@@ -98,10 +120,6 @@ class Stats:
     n_ctx: int = 0
     reused_prompt_tokens: int = 0
     kv_layout: str = ""
-
-
-# A pruning rule: given every trajectory after a step, the indices of live ones to stop now.
-Pruner = Callable[[list[Trajectory]], list[int]]
 
 
 class Engine:
@@ -259,7 +277,7 @@ class Engine:
         prompt_ids: list[int],
         n: int,
         params: SamplingParams,
-        prune: Pruner | None = None,
+        policy: SearchPolicy | None = None,
         should_stop: Callable[[], bool] | None = None,
         stats: Stats | None = None,
         kv_layout: str = "auto",
@@ -270,15 +288,20 @@ class Engine:
         (edge_ms.plan.auto_layout); tokens and scores do not depend on it beyond float noise.
 
         The phases read top to bottom: prefill the prompt, fork it into ``n`` sequences,
-        then rounds of sample, score, retire, decode until no sequence is live. Cancelling
-        (``should_stop`` returning True, or :attr:`abort` set from another thread) ends every
-        live trajectory with finish_reason ``cancelled``.
+        then rounds of sample, score, search, retire, decode until no sequence is live.
+        ``policy`` (edge_ms.search) is consulted after each round that scored a step or ended a
+        trajectory: it may stop live trajectories, fork others into the freed sequences or
+        start fresh ones there, so the run can end with more than ``n`` trajectories (never
+        more than ``n`` live at once).
+        Cancelling (``should_stop`` returning True, or :attr:`abort` set from another thread)
+        ends every live trajectory with finish_reason ``cancelled``.
         """
         t_start = time.perf_counter()
         stats = stats if stats is not None else Stats()
         if not prompt_ids:
             raise EdgeMSError("empty prompt: nothing to condition on")
-        plan = self.plan_context(len(prompt_ids), n, params.max_new_tokens, kv_layout)
+        forks = bool(getattr(policy, "forks", False))
+        plan = self.plan_context(len(prompt_ids), n, params.max_new_tokens, kv_layout, forks)
         ctx = self._context(plan)
         stats.n_ctx, stats.prompt_tokens, stats.kv_layout = plan.n_ctx, len(prompt_ids), plan.layout
         self.abort.clear()
@@ -290,20 +313,25 @@ class Engine:
             return
         trajs = self._fork(prompt_ids, n, params, prefill, stats)
         completed = False
+        root = Trajectory(-1, trajs[0].tracker.copy(),  # what a fresh start copies: the prompt's state
+                          rows=None if trajs[0].rows is None else dict(trajs[0].rows))
         try:
-            live, batch_rows = trajs, prefill.last_rows
+            live, batch_rows = list(trajs), prefill.last_rows
             while live:
                 if should_stop is not None and should_stop():
                     raise _Aborted()
                 events, to_score = self._sample_round(ctx, live, batch_rows, params, stats)
                 events += self._score_round(to_score, stats)
-                if prune is not None and to_score:
-                    _apply_prune(prune, trajs)
+                parents, fresh = [], 0
+                if policy is not None and (to_score or not all(t.live for t in live)):
+                    parents, fresh = _apply_policy(policy, trajs, n)
                 events += self._retire(live, len(prompt_ids))
-                yield from events
                 live = [t for t in live if t.live]
+                events += self._restart(fresh, root, trajs, live, n, params, prompt_ids)
+                yield from events
                 if live:
-                    batch_rows = self._decode_round(ctx, live, len(prompt_ids), stats)
+                    batch_rows = self._decode_round(ctx, live, prompt_ids, stats)
+                    yield from self._branch(parents, trajs, live, n, params, prompt_ids)
             completed = True
         except _Aborted:
             for traj in trajs:
@@ -437,21 +465,73 @@ class Engine:
                 continue
             traj.i_batch = -1
             # Only its own tokens: the prompt cells stay for the next call to reuse.
-            llama_cpp.llama_memory_seq_rm(self._mem, traj.index, n_prompt, -1)
+            llama_cpp.llama_memory_seq_rm(self._mem, traj.seq, n_prompt, -1)
             events.append(Event("finish", index=traj.index, n_tokens=len(traj.tokens), score=traj.score(),
                                 finish_reason=traj.finish_reason))
         return events
 
-    def _decode_round(self, ctx, live: list[Trajectory], n_prompt: int, stats: Stats) -> np.ndarray | None:
-        """Decode every live trajectory's newest token in one batch; each keeps its index in it."""
+    def _decode_round(self, ctx, live: list[Trajectory], prompt_ids: list[int], stats: Stats) -> np.ndarray | None:
+        """Decode every live trajectory's newest token in one batch; each keeps its index in it.
+
+        A trajectory started afresh (no token yet) decodes the prompt's last token again in its
+        own sequence, for the logits and tapped row its first token follows.
+        """
         items = []
         for j, traj in enumerate(live):
-            items.append((traj.tokens[-1], n_prompt + len(traj.tokens) - 1, traj.index, True))
+            newest = traj.tokens[-1] if traj.tokens else prompt_ids[-1]
+            items.append((newest, len(prompt_ids) + len(traj.tokens) - 1, traj.seq, True))
             traj.i_batch = j
         t0 = time.perf_counter()
         rows = self._decode(ctx, items)
         stats.decode_s += time.perf_counter() - t0
         return rows
+
+    def _branch(self, parents: list[Trajectory], trajs: list[Trajectory], live: list[Trajectory], n: int,
+                params: SamplingParams, prompt_ids: list[int]) -> list[Event]:
+        """Fork each (still live) parent into a free sequence, right after the parent's newest token was decoded.
+
+        The child's sequence takes the parent's KV cells (metadata only in a unified cache)
+        and the child points at the parent's logits and tapped row in the batch just decoded,
+        so its first token is drawn from the very distribution the parent's next one will be,
+        with no extra decode. It copies the parent's tokens, text, step tracker and rows; its
+        sampler is fresh, seeded by its own index, its penalty window primed with the same history.
+        """
+        free = sorted(set(range(n)) - {t.seq for t in live})
+        events = []
+        for parent, seq in zip([p for p in parents if p.live], free):
+            llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
+            llama_cpp.llama_memory_seq_cp(self._mem, parent.seq, seq, -1, -1)
+            child = Trajectory(len(trajs), parent.tracker.copy(), list(parent.tokens), bytearray(parent.text),
+                               i_batch=parent.i_batch, seq=seq, parent=parent.index, fork_at=len(parent.tokens))
+            child.sampler = make_sampler(params, self.model.n_vocab, params.seed + child.index,
+                                         prompt_ids + parent.tokens)
+            if parent.rows is not None:
+                child.rows = dict(parent.rows)
+            trajs.append(child)
+            live.append(child)
+            events.append(Event("fork", index=child.index, parent=parent.index, n_tokens=len(child.tokens),
+                                score=child.score()))
+        return events
+
+    def _restart(self, count: int, root: Trajectory, trajs: list[Trajectory], live: list[Trajectory], n: int,
+                 params: SamplingParams, prompt_ids: list[int]) -> list[Event]:
+        """Start ``count`` fresh trajectories from the prompt in free sequences (before the decode).
+
+        A free sequence holds the prompt's cells (``_retire`` keeps them); its last one is
+        decoded again with the round, so a fresh trajectory number i is trajectory i of a
+        plain run: the same state, the same seed, the same penalty history.
+        """
+        free = sorted(set(range(n)) - {t.seq for t in live})
+        events = []
+        for seq in free[:count]:
+            llama_cpp.llama_memory_seq_rm(self._mem, seq, len(prompt_ids) - 1, -1)
+            traj = Trajectory(len(trajs), root.tracker.copy(), seq=seq,
+                              rows=dict(root.rows) if root.rows is not None else None)
+            traj.sampler = make_sampler(params, self.model.n_vocab, params.seed + traj.index, prompt_ids)
+            trajs.append(traj)
+            live.append(traj)
+            events.append(Event("start", index=traj.index))
+        return events
 
     def _reusable(self, prompt_ids: list[int], prompt_cands: list[int]) -> int:
         """How many leading prompt tokens seq 0 already holds, with every tapped row they need."""
@@ -496,10 +576,13 @@ class _Prefill:
     last_index: int  # the prompt's last token in the last batch: where its logits are
 
 
-def _apply_prune(prune: Pruner, trajs: list[Trajectory]) -> None:
-    for idx in prune(trajs):
+def _apply_policy(policy: SearchPolicy, trajs: list[Trajectory], n: int) -> tuple[list[Trajectory], int]:
+    """Stop what the policy stops; the parents it wants forked (after the decode), and how many to start afresh."""
+    decision = policy(trajs, n - sum(t.live for t in trajs))
+    for idx in decision.stop:
         if trajs[idx].live:
-            trajs[idx].finish_reason = "pruned"
+            trajs[idx].finish_reason = decision.reason
+    return [trajs[idx] for idx in decision.fork if trajs[idx].live], decision.spawn
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edge_ms.answers import extract_answer
-from edge_ms.engine import Engine, Event, Pruner, Stats, Trajectory
+from edge_ms.engine import Engine, Event, Stats, Trajectory
 from edge_ms.errors import EdgeMSError, fail
 from edge_ms.head import Head, check_backbone, load_head
 from edge_ms.model import DeviceSettings, Model
 from edge_ms.modes import resolve_n
 from edge_ms.plan import DEFAULT_BUDGET_FRACTION, ENGINE_BATCH, available_memory
 from edge_ms.sampling import SamplingParams
-from edge_ms.select import STRATEGIES, AnswerMass, PruneRule, answer_masses, select
+from edge_ms.search import BeamSearch, EarlyStop, PruneRule, SearchPolicy
+from edge_ms.select import STRATEGIES, AnswerMass, answer_masses, select
 from edge_ms.sizes import human_size
 from edge_ms.store import locate
 from edge_ms.tasks import styled_messages
@@ -23,6 +24,10 @@ from edge_ms.tasks import styled_messages
 # The embedded default is a 135M demo model: its head was trained and calibrated on questions
 # posed in the few-shot arithmetic chat, so plain questions are posed that way too.
 DEFAULT_MODEL_PROMPT_STYLE = "arith"
+
+# Early stop's setting, chosen on the validation split of benchmarks/bench_search.py (20 problems:
+# all N at once; in waves of N / 2 it sampled 10-22% fewer tokens there but lost one answer in 20).
+EARLY_STOP_DEFAULTS = {"min_agree": 2, "reach": 0.25}
 
 
 @dataclass
@@ -40,6 +45,10 @@ class Candidate:
     answer: str = ""
     answer_key: str | None = None  # normalised final answer, for voting
     confidence: float | None = None  # calibrated P(answer right); None when the head has no calibration
+    # A fork (edge_ms.search): the candidate it was forked from, and how many of its first
+    # tokens it shares with that parent (generated once, by the parent).
+    parent: int | None = None
+    fork_at: int | None = None
 
     def to_json(self) -> dict:
         return {
@@ -50,6 +59,8 @@ class Candidate:
             "score": self.score,  # the raw geometric mean of the step scores
             "confidence": self.confidence,
             "finish_reason": self.finish_reason,
+            "parent": self.parent,
+            "fork_at": self.fork_at,
         }
 
 
@@ -184,7 +195,8 @@ class Reasoner:
         stop: tuple[str, ...] | list[str] = (),
         raw: bool = False,
         strategy: str = "best",
-        prune: Pruner | None = None,
+        beam_width: int | None = None,
+        policy: SearchPolicy | None = None,
         should_stop: Callable[[], bool] | None = None,
         kv_layout: str = "auto",
         parse_special: bool = True,
@@ -195,13 +207,14 @@ class Reasoner:
             raise EdgeMSError(f"--strategy {strategy}: unknown (choose from {', '.join(STRATEGIES)})")
         if seed is None:
             seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
-        if strategy == "prune" and prune is None:
-            prune = PruneRule()
+        slots = n_seq
+        if policy is None:
+            policy, slots = self.search_policy(strategy, n_seq, beam_width)
         params = SamplingParams(temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
                                 seed=seed, max_new_tokens=max_new_tokens, stop=tuple(stop))
         ids = self.prompt_ids(prompt, raw, parse_special)
         stats = Stats()
-        for event in self.engine.generate(ids, n_seq, params, prune=prune, should_stop=should_stop, stats=stats,
+        for event in self.engine.generate(ids, slots, params, policy=policy, should_stop=should_stop, stats=stats,
                                           kv_layout=kv_layout):
             if event.kind != "done":
                 yield event
@@ -213,9 +226,34 @@ class Reasoner:
                               prompt_token_ids=ids, candidates=cands, strategy=strategy, seed=seed, stats=stats,
                               answers=answer_masses(cands)))
 
+    def search_policy(self, strategy: str, n: int, beam_width: int | None = None) -> tuple[SearchPolicy | None, int]:
+        """The search a strategy runs while the trajectories grow (None: plain sampling), and its sequences.
+
+        ``beam_width`` (beam only): partial trajectories kept at each depth, default N // 4
+        (at least 1), so that each kept one has about four of the N sequences. (Early stop in
+        waves is ``policy=EarlyStop(total=T)`` with ``n`` sequences for T trajectories.)
+        """
+        if beam_width is not None and strategy != "beam":
+            raise EdgeMSError(f"--beam-width: only for --strategy beam, not {strategy}")
+        if strategy == "prune":
+            return PruneRule(), n
+        if strategy == "beam":
+            width = max(1, n // 4) if beam_width is None else beam_width
+            if not 1 <= width <= n:
+                raise EdgeMSError(f"--beam-width {width}: must be from 1 to N = {n}")
+            return BeamSearch(width=width), n
+        if strategy == "early-stop":
+            return EarlyStop(**EARLY_STOP_DEFAULTS, answer_of=lambda t: self._answer_key(t.decoded())), n
+        return None, n
+
     def solve(self, prompt: str | list[dict[str, str]], mode: str = "medium", n: int | None = None,
               on_event: Callable[[Event], None] | None = None, **kwargs) -> Result:
-        """Sample N trajectories (mode low/medium/high = 2/8/32), score their steps, return the selection."""
+        """Sample N trajectories (mode low/medium/high = 2/8/32), score their steps, return the selection.
+
+        ``strategy``: how to search and choose (``edge_ms.select.STRATEGIES``); "beam" forks
+        the best partial trajectories into the slots of the weakest (``beam_width`` kept per
+        depth), "early-stop" ends the run once the SPRM-weighted vote is settled.
+        """
         for event in self.stream(prompt, mode, n, **kwargs):
             if isinstance(event, Done):
                 return event.result
@@ -232,4 +270,10 @@ class Reasoner:
             step_scores=scores, score=traj.score(), finish_reason=traj.finish_reason,
             reasoning=reasoning, answer=answer, answer_key=extract_answer(answer or text),
             confidence=self.head.confidence(traj.score()),
+            parent=traj.parent, fork_at=traj.fork_at,
         )
+
+    def _answer_key(self, text: str) -> str | None:
+        """The vote key of a trajectory's text: its final answer, read after ``</think>`` when there is one."""
+        _, answer = _split_answer(text, self._think_end_text)
+        return extract_answer(answer or text)

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-# "prune" stops trajectories that fall behind while they run (PruneRule), then picks best-of-N.
-STRATEGIES = ("best", "majority", "weighted", "prune")
+# "prune" and "beam" search while the trajectories run (edge_ms.search), then pick best-of-N;
+# "early-stop" ends the run once the SPRM-weighted vote is settled, then picks by that vote.
+STRATEGIES = ("best", "majority", "weighted", "prune", "beam", "early-stop")
 
 
 class Scored(Protocol):
@@ -19,8 +20,8 @@ class Scored(Protocol):
     # confidence: float | None
 
 
-# Trajectories cut short by pruning or cancellation have no answer of their own to offer.
-UNFINISHED = ("pruned", "cancelled")
+# Trajectories cut short by a search policy or a cancel have no answer of their own to offer.
+UNFINISHED = ("pruned", "early-stop", "cancelled")
 
 
 def _eligible(cands: Sequence[Scored]) -> list[int]:
@@ -92,40 +93,10 @@ def answer_masses(cands: Sequence[Scored]) -> list[AnswerMass]:
 
 
 def select(cands: Sequence[Scored], strategy: str = "best") -> int:
-    if strategy in ("best", "prune"):
+    if strategy in ("best", "prune", "beam"):
         return best_of_n(cands)
     if strategy == "majority":
         return majority_vote(cands)
-    if strategy == "weighted":
+    if strategy in ("weighted", "early-stop"):
         return weighted_vote(cands)
     raise ValueError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
-
-
-@dataclass(frozen=True)
-class PruneRule:
-    """SPRM-guided pruning: stop trajectories whose running score has fallen behind the leaders.
-
-    After every step, the trajectories with at least ``min_steps`` scored steps (and not
-    pruned) are ranked by running score (the geometric mean so far, what best-of-N will
-    compare at the end); a live one is stopped when it is more than ``margin`` below the
-    ``keep``-th best. So the ``keep`` leaders always stay in the race, and a trajectory is cut
-    as soon as its own steps say it is unlikely to be picked. Ranking against the leaders
-    rather than a fixed threshold keeps the rule meaningful whatever the head's calibration;
-    ``min_steps`` keeps one unlucky early step from deciding on long reasoning, and can be 1
-    where a whole solution is a few steps (the arithmetic task).
-    """
-
-    min_steps: int = 2
-    margin: float = 0.1
-    keep: int = 2
-
-    def __call__(self, trajectories: Sequence) -> list[int]:
-        ranked = []
-        for t in trajectories:
-            positions, scores = t.steps()
-            if len(scores) >= self.min_steps and t.finish_reason != "pruned":
-                ranked.append((t.score(), t))
-        if len(ranked) < max(self.keep, 1):
-            return []
-        bar = sorted((s for s, _ in ranked), reverse=True)[max(self.keep, 1) - 1] - self.margin
-        return [t.index for s, t in ranked if t.live and s < bar]

@@ -39,6 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from edge_ms.errors import EdgeMSError
 from edge_ms.modes import MODES
 from edge_ms.reasoner import Reasoner, Result
+from edge_ms.select import STRATEGIES
 
 __all__ = ["Access", "ApiError", "check_settings", "create_app", "parse_request", "serve"]
 
@@ -103,6 +104,7 @@ class Job:
     sampling: dict
     stream: bool
     usage: bool  # streaming: end with a usage chunk (stream_options.include_usage)
+    search: dict  # the edge_ms extension: strategy (and beam_width), passed to Reasoner.stream
     loop: asyncio.AbstractEventLoop
     inbox: asyncio.Queue
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -251,7 +253,7 @@ class Worker:
         max_new = self._budget(job, ids)
         n = MODES[job.mode]
         r.engine.plan_context(len(ids), n, max_new)  # the KV budget check, before anything runs
-        progress = {"n": n, "finished": 0, "generated_tokens": 0, "steps": 0}
+        progress = {"n": n, "finished": 0, "generated_tokens": 0, "steps": 0, "forks": 0, "started": 0}
         t0 = last = time.monotonic()
         result: Result | None = None
         events = r.stream(
@@ -261,6 +263,7 @@ class Worker:
             should_stop=job.cancelled.is_set,
             parse_special=False,
             **job.sampling,
+            **job.search,
         )
         for ev in events:
             if ev.kind == "done":
@@ -269,6 +272,8 @@ class Worker:
             progress["generated_tokens"] += ev.kind == "token"
             progress["steps"] += ev.kind == "step"
             progress["finished"] += ev.kind == "finish"
+            progress["forks"] += ev.kind == "fork"
+            progress["started"] += ev.kind in ("fork", "start")
             now = time.monotonic()
             if job.stream and (ev.kind == "finish" or now - last >= PROGRESS_EVERY_S):
                 job.post("progress", dict(progress))
@@ -333,6 +338,30 @@ def _number(req: dict, key: str, kind: type, lo: float, hi: float) -> float | in
     return kind(value)
 
 
+def _search(req: dict, n: int) -> dict:
+    """The ``edge_ms`` request extension: ``{"strategy": ..., "beam_width": ...}`` (both optional)."""
+    ext = req.get("edge_ms")
+    if ext is None:
+        return {}
+    if not isinstance(ext, dict) or set(ext) - {"strategy", "beam_width"}:
+        raise ApiError(400, "edge_ms: must be an object with strategy and/or beam_width", "edge_ms")
+    strategy = ext.get("strategy", "best")
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
+        raise ApiError(
+            400, f"edge_ms.strategy {strategy!r}: unknown (choose from {', '.join(STRATEGIES)})", "edge_ms.strategy"
+        )
+    out = {"strategy": strategy}
+    width = ext.get("beam_width")
+    if width is not None:
+        if strategy != "beam":
+            raise ApiError(400, "edge_ms.beam_width: only with strategy beam", "edge_ms.beam_width")
+        if not isinstance(width, int) or isinstance(width, bool) or not 1 <= width <= n:
+            raise ApiError(400, f"edge_ms.beam_width {width!r}: must be an integer from 1 to {n}, the N of this "
+                           "reasoning_effort", "edge_ms.beam_width")
+        out["beam_width"] = width
+    return out
+
+
 def parse_request(body: bytes, n_ctx: int) -> dict:
     """Validate a ``/v1/chat/completions`` body; raises :class:`ApiError` (400) naming the bad field."""
     try:
@@ -375,6 +404,7 @@ def parse_request(body: bytes, n_ctx: int) -> dict:
         sampling=sampling,
         stream=req.get("stream") is True,
         usage=options.get("include_usage") is True,
+        search=_search(req, MODES[effort]),
     )
 
 
@@ -391,7 +421,8 @@ def _finish_reason(result: Result) -> str:
 
 
 def _usage(result: Result) -> dict:
-    made = sum(len(c.token_ids) for c in result.candidates)  # every trajectory, not only the selected one
+    # Every token sampled, not only the selected trajectory's; a fork's shared prefix once.
+    made = result.stats.generated_tokens
     n_prompt = len(result.prompt_token_ids)
     return {"prompt_tokens": n_prompt, "completion_tokens": made, "total_tokens": n_prompt + made}
 
@@ -407,6 +438,8 @@ def _extension(result: Result) -> dict:
             step_scores=[_number_or_null(x) for x in c.step_scores],
             finish_reason=c.finish_reason,
             completion_tokens=len(c.token_ids),
+            parent=c.parent,
+            fork_at=c.fork_at,
         )
         for c in result.candidates
     ]

@@ -150,6 +150,31 @@ def test_bad_options(converted, args, needle):
     assert needle in line
 
 
+def test_beam_search_shows_its_forks(converted):
+    proc = run("solve", "Compute 12 * 7 step by step.", "--model", str(converted("tiny-qwen2", "f32")), "--n", "8",
+               "--seed", "11", "--max-new-tokens", "80", "--strategy", "beam", "--beam-width", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    cands = out["candidates"]
+    assert out["strategy"] == "beam" and out["n"] == 8 and len(cands) > 8
+    forks = [c for c in cands if c["parent"] is not None]
+    assert len(forks) == len(cands) - 8 and all(c["parent"] is None and c["fork_at"] is None for c in cands[:8])
+    for c in forks:  # a fork starts with its parent's first fork_at tokens
+        assert c["token_ids"][: c["fork_at"]] == cands[c["parent"]]["token_ids"][: c["fork_at"]]
+    assert {"pruned"} <= {c["finish_reason"] for c in cands}
+    assert cands[out["selected"]]["finish_reason"] in ("stop", "length")
+    sampled = sum(len(c["token_ids"]) - (c["fork_at"] or 0) for c in cands)
+    assert out["stats"]["generated_tokens"] == sampled <= 8 * 80
+
+
+@pytest.mark.parametrize("args,needle", [(["--strategy", "beam", "--beam-width", "9"], "--beam-width 9: must be from 1"),
+                                          (["--beam-width", "2"], "only for --strategy beam"),
+                                          (["--strategy", "dfs"], "--strategy dfs: unknown")])
+def test_bad_search_options(converted, args, needle):
+    line = one_line_error(run("solve", "Hi", "--model", str(converted("tiny-qwen2", "f32")), "--n", "8", *args))
+    assert needle in line
+
+
 def test_embedded_default_model_solves_offline():
     """The README's first command: no --model, the embedded SmolLM2 + its shipped head."""
     proc = run("solve", "Tom has 23 apples, buys 45 more and gives away 17. How many are left?",

@@ -112,6 +112,47 @@ def test_one_question_end_to_end(window, qapp, tmp_path):
     assert shot.stat().st_size > 10_000
 
 
+def test_beam_search_shows_forks_and_stopped_trajectories(window, qapp):
+    win = window
+    forks_seen = []
+
+    def done() -> bool:
+        forks_seen.append(len(win.cards))
+        return not win.busy
+
+    assert win.ask("Compute 12 * 7 step by step.", mode="medium", max_new_tokens=80, seed=11, strategy="beam")
+    wait_until(qapp, done)
+    res = win.result
+    assert win.error is None and res.strategy == "beam"
+    assert len(win.cards) == len(res.candidates) > res.n == 8
+    assert max(forks_seen) > 8  # fork cards appeared while the search ran
+    for card, cand in zip(win.cards, res.candidates):
+        header = card.header.text()
+        assert card.index == cand.index and card.s.text.decode("utf-8", "replace") == cand.text
+        if cand.parent is None:
+            assert "fork of" not in header
+        else:
+            assert f"fork of #{cand.parent} after {cand.fork_at} tokens" in header
+        assert card.stopped == (cand.finish_reason == "pruned") and cand.finish_reason in header
+    stopped = [c for c in win.cards if c.stopped]
+    assert stopped and not any(c.chosen for c in stopped)
+    assert "dashed" in stopped[0].styleSheet()
+    assert "forks" in win.statusBar().currentMessage()
+
+
+def test_early_stop_picks_by_the_weighted_vote(window, qapp):
+    win = window
+    assert win.ask("Compute 12 * 7 step by step.", mode="medium", max_new_tokens=40, seed=3, strategy="early-stop")
+    assert [c.s.state for c in win.cards] == ["waiting"] * 8
+    wait_until(qapp, lambda: not win.busy)
+    res = win.result
+    assert win.error is None and res.strategy == "early-stop" and len(win.cards) == 8
+    for card, cand in zip(win.cards, res.candidates):
+        assert cand.finish_reason in card.header.text() and card.s.tokens == len(cand.token_ids)
+    assert len(res.candidates) == 8  # the fixture states no answer: the vote never settles
+    assert win.cards[res.selected].chosen
+
+
 def test_cancel_stops_the_trajectories(window, qapp):
     win = window
     # 32 trajectories: the fixture ends a trajectory now and then, but not all 32 within 3000 tokens.

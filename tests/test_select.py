@@ -1,14 +1,13 @@
-"""Choosing a trajectory: best-of-N, votes, and pruning."""
+"""Choosing a trajectory: best-of-N and votes, and what the search strategies pick with."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 
 from edge_ms.select import (
     AnswerMass,
-    PruneRule,
     answer_masses,
     best_of_n,
     majority_vote,
@@ -32,6 +31,13 @@ def test_best_of_n_takes_highest_score_first_on_ties():
 def test_best_of_n_skips_pruned_unless_nothing_else():
     assert best_of_n([C(0.9, "1", "pruned"), C(0.3, "2", "length")]) == 1
     assert best_of_n([C(0.9, "1", "pruned"), C(0.3, "2", "cancelled")]) == 0
+
+
+def test_stopped_trajectories_are_never_chosen_by_a_search_strategy():
+    cands = [C(0.9, "1", "early-stop"), C(0.95, "1", "pruned"), C(0.2, "2"), C(0.1, "3")]
+    assert select(cands, "beam") == 2
+    assert select(cands, "early-stop") == 2  # the weighted vote of the finished ones only
+    assert select([C(0.2, "4"), C(0.3, "5"), C(0.25, "5")], "early-stop") == 1
 
 
 def test_majority_and_weighted_vote_differ():
@@ -59,55 +65,3 @@ def test_vote_without_answers_falls_back_to_best():
 def test_unknown_strategy():
     with pytest.raises(ValueError, match="unknown strategy"):
         select([C(0.5, "1")], "random")
-
-
-@dataclass
-class T:
-    index: int
-    scores: list[float]
-    finish_reason: str | None = None
-    positions: list[int] = field(default_factory=list)
-
-    @property
-    def live(self) -> bool:
-        return self.finish_reason is None
-
-    def steps(self):
-        return list(range(len(self.scores))), self.scores
-
-    def score(self) -> float:
-        from edge_ms.score import trajectory_score
-
-        return trajectory_score(self.scores)
-
-
-def test_prune_rule_stops_laggards_but_keeps_enough():
-    rule = PruneRule(min_steps=2, margin=0.1, keep=2)
-    ts = [T(0, [0.9, 0.9]), T(1, [0.2, 0.3]), T(2, [0.85, 0.8]), T(3, [0.1]), T(4, [0.3, 0.2])]
-    assert sorted(rule(ts)) == [1, 4]  # 3 has too few steps to judge
-    # Never below `keep` trajectories in the race.
-    ts = [T(0, [0.9, 0.9]), T(1, [0.2, 0.3])]
-    assert rule(ts) == []
-
-
-def test_pruning_generates_fewer_tokens(converted):
-    from edge_ms.reasoner import Reasoner
-
-    r = Reasoner.load(converted("tiny-qwen2", "f32"))
-    try:
-        plain = r.solve("Sum the numbers.", n=8, seed=1, max_new_tokens=80)
-        pruned = r.solve("Sum the numbers.", n=8, seed=1, max_new_tokens=80, strategy="prune")
-    finally:
-        r.close()
-    assert any(c.finish_reason == "pruned" for c in pruned.candidates)
-    total = lambda res: sum(len(c.token_ids) for c in res.candidates)  # noqa: E731
-    assert total(pruned) < total(plain)
-    assert pruned.best.finish_reason != "pruned"
-
-
-def test_prune_rule_keeps_the_leaders_and_waits_for_enough_scores():
-    rule = PruneRule(min_steps=1, margin=0.0, keep=3)
-    ts = [T(0, [0.5]), T(1, [0.9]), T(2, [0.3]), T(3, [0.7], "stop"), T(4, [0.6]), T(5, [])]
-    # Leaders 0.9, 0.7 (finished: counts, is never pruned), 0.6; 5 has no step yet.
-    assert sorted(rule(ts)) == [0, 2]
-    assert rule(ts[:2] + ts[5:]) == []  # fewer than `keep` scored: no judgement yet

@@ -175,6 +175,35 @@ def test_stream_carries_progress_then_the_same_answer(server):
     assert len({c.id for c in chunks}) == 1
 
 
+def test_search_strategy_in_the_request_extension(server, converted):
+    client = server.client()
+    args = dict(model="m", messages=QUESTION, max_tokens=80, seed=11,
+                extra_body={"edge_ms": {"strategy": "beam", "beam_width": 2}})
+    whole = client.chat.completions.create(**args)
+    ext = whole.edge_ms
+    cands = ext["candidates"]
+    assert ext["strategy"] == "beam" and ext["n"] == 8 and len(cands) > 8  # reasoning_effort keeps meaning N
+    forks = [c for c in cands if c["parent"] is not None]
+    assert forks and all(c["fork_at"] < c["completion_tokens"] for c in forks)
+    assert "pruned" in {c["finish_reason"] for c in cands} and cands[ext["selected"]]["finish_reason"] != "pruned"
+    # usage: every token sampled once; a fork's shared prefix belongs to its parent.
+    assert whole.usage.completion_tokens == sum(c["completion_tokens"] - (c["fork_at"] or 0) for c in cands)
+
+    chunks = list(client.chat.completions.create(stream=True, **args))
+    progress = [c.edge_ms["progress"] for c in chunks if getattr(c, "edge_ms", None) and "progress" in c.edge_ms]
+    assert progress[-1]["forks"] == len(forks) and progress[-1]["generated_tokens"] == whole.usage.completion_tokens
+    assert chunks[-1].edge_ms["candidates"] == cands
+
+    local = Reasoner.load(converted("tiny-qwen2", "f32"), settings=ONE_THREAD)
+    try:
+        res = local.solve(QUESTION, "medium", seed=11, max_new_tokens=80, strategy="beam", beam_width=2)
+    finally:
+        local.close()
+    assert [(c.parent, c.fork_at, c.score) for c in res.candidates] == [(c["parent"], c["fork_at"], c["score"])
+                                                                         for c in cands]
+    assert ext["selected"] == res.selected and whole.choices[0].message.content == res.answer
+
+
 def burst(server: Server, n: int, **args) -> list:
     """``n`` clients at once, each on its own connection; returns each one's reply or exception."""
     results: list = [None] * n
@@ -294,6 +323,13 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(server):
         (dict(messages=QUESTION, stop=[""]), "stop", "non-empty"),
         (dict(messages=QUESTION, temperature=9), "temperature", "temperature"),
         (dict(messages=QUESTION, n=3), "n", "one choice"),
+        (dict(messages=QUESTION, extra_body={"edge_ms": "beam"}), "edge_ms", "must be an object"),
+        (dict(messages=QUESTION, extra_body={"edge_ms": {"strategy": "dfs"}}), "edge_ms.strategy", "unknown"),
+        (dict(messages=QUESTION, extra_body={"edge_ms": {"strategy": "beam", "beam_width": 9}}),
+         "edge_ms.beam_width", "from 1 to 8"),
+        (dict(messages=QUESTION, reasoning_effort="low", extra_body={"edge_ms": {"strategy": "beam", "beam_width": 3}}),
+         "edge_ms.beam_width", "from 1 to 2"),
+        (dict(messages=QUESTION, extra_body={"edge_ms": {"beam_width": 2}}), "edge_ms.beam_width", "only with"),
     ]
     for args, param, words in cases:
         with pytest.raises(BadRequestError) as info:

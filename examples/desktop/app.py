@@ -1,6 +1,11 @@
 """A desktop window on the edge_ms Python API: ask a question, watch the N trajectories grow
 with their step scores, and get the one the SPRM head scored best.
 
+A search strategy shows as it runs: beam search stops weak trajectories (their cards turn
+grey, "pruned") and forks strong ones (a new card, "fork of #p after k tokens", that starts
+with its parent's text); early stop greys out the live ones once the weighted vote is
+settled. A card waits ("waiting") until its trajectory's first token: a search may start it later.
+
     python examples/desktop/app.py                  # the embedded default model
     python examples/desktop/app.py --model DIR      # a converted model: directory, store name, or GGUF + --head
 
@@ -46,19 +51,25 @@ from edge_ms.modes import MODES
 FLUSH_S = 0.05  # the worker batches events: one signal per 50 ms, not one per token
 
 
+# What the strategy box offers, in order (edge_ms.select.STRATEGIES has them all).
+STRATEGY_CHOICES = ("best", "weighted", "beam", "early-stop", "prune", "majority")
+STOPPED = ("pruned", "early-stop", "not started")
+
+
 @dataclass
 class Request:
     prompt: str
     mode: str
     max_new_tokens: int
     seed: int | None = None
+    strategy: str = "best"
 
 
 @dataclass
 class Update:
     """One engine event, with the token's bytes decoded in the worker."""
 
-    kind: str  # "token" | "step" | "finish"
+    kind: str  # "token" | "step" | "fork" | "finish"
     index: int
     piece: bytes = b""
     n_tokens: int = 0
@@ -66,6 +77,7 @@ class Update:
     score: float = 0.0
     finish_reason: str | None = None
     confidence: float | None = None  # the running score calibrated, when the head has a calibration
+    parent: int | None = None
 
 
 class Worker(QObject):
@@ -121,6 +133,7 @@ class Worker(QObject):
                 req.mode,
                 max_new_tokens=req.max_new_tokens,
                 seed=req.seed,
+                strategy=req.strategy,
                 should_stop=self._cancel.is_set,
             ):
                 if ev.kind == "done":
@@ -132,7 +145,8 @@ class Worker(QObject):
                 )
                 conf = calibration(ev.score) if calibration is not None and ev.kind != "token" else None
                 pending.append(
-                    Update(ev.kind, ev.index, piece, ev.n_tokens, ev.step_score, ev.score, ev.finish_reason, conf)
+                    Update(ev.kind, ev.index, piece, ev.n_tokens, ev.step_score, ev.score, ev.finish_reason, conf,
+                           ev.parent)
                 )
                 if time.monotonic() - last > FLUSH_S:
                     self.updates.emit(pending)
@@ -190,18 +204,26 @@ class CardState:
     tokens: int = 0
     steps: list[float] = field(default_factory=list)
     score: float = 0.0
-    state: str = "running"
+    state: str = "waiting"  # until its first token: early stop starts its second wave later
     text: bytearray = field(default_factory=bytearray)
     confidence: float | None = None
 
 
 class TrajectoryCard(QFrame):
-    """One trajectory: a header with its counts and score, its step scores, its text."""
+    """One trajectory: a header with its counts and score, its step scores, its text.
 
-    def __init__(self, index: int, mono: QFont) -> None:
+    A fork's card starts as a copy of its parent's (``origin`` says whose, after how many tokens).
+    """
+
+    def __init__(self, index: int, mono: QFont, parent: TrajectoryCard | None = None, fork_at: int = 0) -> None:
         super().__init__()
         self.index = index
         self.s = CardState()
+        self.origin = ""
+        if parent is not None:
+            p = parent.s
+            self.s = CardState(fork_at, list(p.steps), p.score, "running", bytearray(p.text))
+            self.origin = f"fork of #{parent.index} after {fork_at} tokens"
         self.chosen = False
         self.leading = False
         self.dirty = True
@@ -226,12 +248,15 @@ class TrajectoryCard(QFrame):
         if u.kind == "token":
             s.tokens = u.n_tokens
             s.text += u.piece
+            if s.state == "waiting":
+                s.state = "running"
         elif u.kind == "step":
             s.steps.append(u.step_score)
             s.score, s.confidence = u.score, u.confidence
         elif u.kind == "finish":
             s.score, s.confidence = u.score, u.confidence
             s.state = u.finish_reason or "done"
+            self._style()
         self.dirty = True
 
     def finalize(self, cand) -> None:
@@ -244,7 +269,12 @@ class TrajectoryCard(QFrame):
             bytearray(cand.text.encode()),
             cand.confidence,
         )
+        self._style()
         self.dirty = True
+
+    @property
+    def stopped(self) -> bool:
+        return self.s.state in STOPPED
 
     def set_flags(self, chosen: bool, leading: bool) -> None:
         if (chosen, leading) != (self.chosen, self.leading):
@@ -257,6 +287,8 @@ class TrajectoryCard(QFrame):
             css = "QFrame#card { border: 3px solid #2e7d32; border-radius: 6px; background: #e8f5e9; }"
         elif self.leading:
             css = "QFrame#card { border: 2px solid #1a73e8; border-radius: 6px; background: #f1f6fe; }"
+        elif self.stopped:
+            css = "QFrame#card { border: 1px dashed #9aa0a6; border-radius: 6px; background: #eceff1; }"
         else:
             css = "QFrame#card { border: 1px solid #c4c7c5; border-radius: 6px; background: white; }"
         self.setStyleSheet(css)
@@ -274,8 +306,9 @@ class TrajectoryCard(QFrame):
         color = score_color(shown).darker(130).name() if s.steps else "#5f6368"
         value = (f"score {s.score:.3f}" if s.confidence is None
                  else f"confidence {s.confidence:.2f}</b> (score {s.score:.3g})<b>")
+        origin = f"<span style='color:#6a1b9a'>{self.origin}</span> &middot; " if self.origin else ""
         return (
-            f"{badge}<b>#{self.index}</b> &middot; {s.tokens} tokens &middot; {len(s.steps)} steps &middot; "
+            f"{badge}{origin}<b>#{self.index}</b> &middot; {s.tokens} tokens &middot; {len(s.steps)} steps &middot; "
             f"last step {last} &middot; <b style='color:{color}'>{value}</b> &middot; "
             f"<i>{s.state}</i>"
         )
@@ -316,6 +349,9 @@ class MainWindow(QMainWindow):
         for mode, n in MODES.items():
             self.effort.addItem(f"{mode} · {n} trajectories", mode)
         self.effort.setCurrentIndex(list(MODES).index("medium"))
+        self.strategy = QComboBox()
+        for name in STRATEGY_CHOICES:
+            self.strategy.addItem(name, name)
         self.max_tokens = QSpinBox()
         self.max_tokens.setRange(8, 32768)
         self.max_tokens.setValue(512)
@@ -335,6 +371,8 @@ class MainWindow(QMainWindow):
         controls = QHBoxLayout()
         controls.addWidget(QLabel("Effort"))
         controls.addWidget(self.effort)
+        controls.addWidget(QLabel("Strategy"))
+        controls.addWidget(self.strategy)
         controls.addWidget(self.max_tokens)
         controls.addWidget(self.seed)
         controls.addStretch(1)
@@ -392,6 +430,7 @@ class MainWindow(QMainWindow):
         mode: str | None = None,
         max_new_tokens: int | None = None,
         seed: int | None = None,
+        strategy: str | None = None,
     ) -> bool:
         """Start a generation (arguments default to the window's controls); False if one is running."""
         if self.busy or not self.ready:
@@ -404,6 +443,8 @@ class MainWindow(QMainWindow):
             self.max_tokens.setValue(max_new_tokens)
         if seed is not None:
             self.seed.setValue(seed)
+        if strategy is not None:
+            self.strategy.setCurrentIndex(STRATEGY_CHOICES.index(strategy))
         text = self.prompt.toPlainText().strip()
         if not text:
             self.statusBar().showMessage("type a question first")
@@ -418,7 +459,8 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage(f"sampling {MODES[mode]} trajectories…")
         seed = self.seed.value()
         self.worker.arm()
-        self._start.emit(Request(text, mode, self.max_tokens.value(), None if seed < 0 else seed))
+        self._start.emit(Request(text, mode, self.max_tokens.value(), None if seed < 0 else seed,
+                                 self.strategy.currentData()))
         return True
 
     def cancel(self) -> None:
@@ -431,6 +473,7 @@ class MainWindow(QMainWindow):
         self.ask_button.setEnabled(not busy and self.ready)
         self.cancel_button.setEnabled(busy)
         self.effort.setEnabled(not busy)
+        self.strategy.setEnabled(not busy)
         self.max_tokens.setEnabled(not busy)
         self.seed.setEnabled(not busy)
 
@@ -438,10 +481,15 @@ class MainWindow(QMainWindow):
         for card in self.cards:
             self.grid.removeWidget(card)
             card.deleteLater()
-        cols = 1 if n == 1 else 2 if n <= 8 else 4
-        self.cards = [TrajectoryCard(i, self._mono) for i in range(n)]
-        for i, card in enumerate(self.cards):
-            self.grid.addWidget(card, i // cols, i % cols)
+        self._cols = 1 if n == 1 else 2 if n <= 8 else 4
+        self.cards = []
+        for i in range(n):
+            self._add_card(TrajectoryCard(i, self._mono))
+
+    def _add_card(self, card: TrajectoryCard) -> None:
+        i = len(self.cards)
+        self.cards.append(card)
+        self.grid.addWidget(card, i // self._cols, i % self._cols)
 
     # -- from the worker -------------------------------------------------------
 
@@ -454,12 +502,16 @@ class MainWindow(QMainWindow):
     @Slot(list)
     def _on_updates(self, updates: list) -> None:
         for u in updates:
-            if 0 <= u.index < len(self.cards):
+            if u.kind == "fork" and u.index == len(self.cards) and 0 <= u.parent < len(self.cards):
+                self._add_card(TrajectoryCard(u.index, self._mono, self.cards[u.parent], u.n_tokens))
+            elif u.kind == "start" and u.index == len(self.cards):
+                self._add_card(TrajectoryCard(u.index, self._mono))
+            elif 0 <= u.index < len(self.cards):
                 self.cards[u.index].apply(u)
         if self.cards:
-            lead = max(self.cards, key=lambda c: (bool(c.s.steps), c.s.score))
+            lead = max(self.cards, key=lambda c: (bool(c.s.steps) and not c.stopped, c.s.score))
             for c in self.cards:
-                c.set_flags(False, c is lead and bool(c.s.steps))
+                c.set_flags(False, c is lead and bool(c.s.steps) and not c.stopped)
 
     @Slot(object)
     def _on_finished(self, result) -> None:
@@ -467,6 +519,9 @@ class MainWindow(QMainWindow):
         self._set_busy(False)
         for cand in result.candidates:
             self.cards[cand.index].finalize(cand)
+        for c in self.cards[len(result.candidates):]:  # early stop settled before they started
+            c.s.state, c.dirty = "not started", True
+            c._style()
         for c in self.cards:
             c.set_flags(c.index == result.selected, False)
         self._refresh()
@@ -489,8 +544,11 @@ class MainWindow(QMainWindow):
             )
             self.answer.setPlainText(result.answer or best.text)
         rate = st.generated_tokens / st.total_s if st.total_s else 0.0
+        forks = sum(c.parent is not None for c in result.candidates)
+        stopped = sum(c.finish_reason in STOPPED for c in result.candidates)
+        search = f"; {result.strategy}: {forks} forks, {stopped} stopped" if forks or stopped else ""
         self.statusBar().showMessage(
-            f"{st.generated_tokens} tokens in {took:.1f} s ({rate:.0f} tokens/s over {result.n} trajectories)"
+            f"{st.generated_tokens} tokens in {took:.1f} s ({rate:.0f} tokens/s over {result.n} trajectories){search}"
         )
 
     @Slot(str)
