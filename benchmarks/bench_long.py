@@ -2,6 +2,7 @@
 
     python benchmarks/bench_long.py --json benchmarks/results/long.json          # N = 32 and 8, 1024 new tokens
     python benchmarks/bench_long.py --n 8 --new-tokens 128 --runs 1 --json /tmp/long.json   # a quick look
+    python benchmarks/bench_long.py ... --json FILE --resume     # add runs to those FILE already holds
 
 Every run is one fresh subprocess (so its peak RSS is its own), and the variants are interleaved
 run by run in rotating order: each round of runs sees the same neighbours on a shared machine.
@@ -180,9 +181,19 @@ def summarise(runs: dict[str, list[dict]], auto: str) -> dict:
     if "raw-unified" in med and "raw-streams" in med:
         med["raw-best"] = max(med["raw-unified"], med["raw-streams"])
     ratios = {k: round(med[a] / med[b], 3) for k, (a, b) in pairs.items() if a in med and b in med}
-    first = [r["first_tokens"] for rs in runs.values() for r in rs[:1]]
+    first = [r["first_tokens"] for rs in runs.values() for r in rs[:1] if r.get("first_tokens")]
     return {"auto_layout": auto, "variants": out, "ratios": ratios,
             "checks": {"same_first_tokens_every_variant": all(f == first[0] for f in first)}}
+
+
+def _previous_runs(path: str | None, n: int) -> dict[str, list[dict]]:
+    """The runs an earlier invocation stored for ``n`` (``--resume``), so a benchmark cut short
+    by the machine's time limits goes on instead of starting over."""
+    if not path or not os.path.exists(path):
+        return {v: [] for v in VARIANTS}
+    with open(path) as f:
+        stored = json.load(f).get("runs", {}).get(str(n), {})
+    return {v: list(stored.get(v, [])) for v in VARIANTS}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -191,9 +202,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--new-tokens", type=int, default=1024)
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3, help="interleaved runs of every variant")
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="which variants to run")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--resume", action="store_true", help="add to the runs already stored in --json")
     ap.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     from edge_ms.atomic import atomic_write
@@ -202,21 +215,28 @@ def main(argv: list[str] | None = None) -> None:
     if args.one:
         args.n = args.n[0]
         return one(args)
+    command = "python benchmarks/bench_long.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    previous = {}
+    if args.resume and args.json and os.path.exists(args.json):
+        with open(args.json) as f:
+            previous = json.load(f)
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.machine(),
               "cpus": os.cpu_count(), "threads": args.threads, "new_tokens": args.new_tokens,
-              "prompt_tokens": args.prompt_tokens, "runs": args.runs, "model": "embedded SmolLM2-135M-Instruct Q4_1",
-              "command": "python benchmarks/bench_long.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "by_n": {}}
+              "prompt_tokens": args.prompt_tokens, "model": "embedded SmolLM2-135M-Instruct Q4_1",
+              "commands": previous.get("commands", []) + [command],
+              "by_n": previous.get("by_n", {}), "runs": previous.get("runs", {})}
     for n in args.n:
-        runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+        runs = _previous_runs(args.json if args.resume else None, n)
+        variants = tuple(args.variants)
         for k in range(args.runs):
-            order = VARIANTS[k % len(VARIANTS):] + VARIANTS[: k % len(VARIANTS)]
+            order = variants[k % len(variants):] + variants[: k % len(variants)]
             for v in order:
                 runs[v].append(_child(v, n, args))
                 print(f"N={n} run {k + 1}/{args.runs} {v}: {runs[v][-1]['tokens_per_s']:.1f} tok/s "
                       f"({runs[v][-1]['kv_layout']})", file=sys.stderr, flush=True)
                 auto = auto_layout(runs[v][-1]["prompt_tokens"], n, args.new_tokens)
                 result["by_n"][str(n)] = summarise(runs, auto)
+                result["runs"][str(n)] = runs
                 if args.json:  # after every run, so a long benchmark keeps what it measured
                     with atomic_write(args.json) as f:
                         f.write(json.dumps(result, indent=1) + "\n")
