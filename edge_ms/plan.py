@@ -42,7 +42,6 @@ __all__ = [
     "Plan",
     "PlanRow",
     "context_cells",
-    "estimate_memory",
     "max_new_tokens_that_fit",
     "memory_breakdown",
     "plan",
@@ -195,26 +194,6 @@ def memory_breakdown(
     head = HEAD_COPIES * 4 * (2 * n_embd * n_embd + 4 * n_embd + 1)
     runtime = RUNTIME_BYTES + VOCAB_BYTES_PER_TOKEN * n_vocab
     return MemoryEstimate(model_bytes, kv, compute, outputs, tap, head, runtime)
-
-
-def estimate_memory(
-    model_bytes: int,
-    n_layer: int,
-    n_embd: int,
-    n_head: int,
-    n_head_kv: int,
-    n_vocab: int,
-    n_ctx: int,
-    n_seq: int,
-    kv_type: str,
-    n_batch: int = ENGINE_BATCH,
-    *,
-    n_ff: int | None = None,
-) -> int:
-    """Total resident bytes; see :func:`memory_breakdown` for the parts."""
-    return memory_breakdown(
-        model_bytes, n_layer, n_embd, n_head, n_head_kv, n_vocab, n_ctx, n_seq, kv_type, n_batch, n_ff=n_ff
-    ).total
 
 
 def shape_estimate(

@@ -1,4 +1,4 @@
-"""Tasks: the seeded arithmetic word-problem generator, JSONL task files, answer checking.
+"""Tasks: the seeded arithmetic word-problem generator, its few-shot chat prompts, JSONL task files.
 
 The arithmetic task exists to train and test an SPRM head on a model small enough to ship
 (SmolLM2-135M-Instruct): problems are short, one reasoning step per line, and the final
