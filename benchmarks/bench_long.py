@@ -164,6 +164,10 @@ def _child(variant: str, n: int, args) -> dict:
 
 
 def summarise(runs: dict[str, list[dict]], auto: str) -> dict:
+    """Medians per variant, and each ratio as the median over rounds of the two variants' runs in
+    that round (side by side in time). Runs marked ``"contended"`` (the machine was shared with
+    other heavy jobs while they ran) are kept in the JSON but left out of medians and ratios."""
+    runs = {v: [r for r in rs if not r.get("contended")] for v, rs in runs.items()}
     runs = {v: rs for v, rs in runs.items() if rs}  # a run stopped early keeps what it measured
     med = {v: statistics.median(r["tokens_per_s"] for r in rs) for v, rs in runs.items()}
     out = {v: {"tokens_per_s": round(med[v], 2),
@@ -173,17 +177,23 @@ def summarise(runs: dict[str, list[dict]], auto: str) -> dict:
                "peak_rss_mib": max(r["peak_rss_mib"] for r in rs),
                "kv_layout": rs[0]["kv_layout"], "n_ctx": rs[0]["n_ctx"]}
            for v, rs in runs.items()}
-    pairs = {"auto_vs_faster_raw": (f"reflective-{auto}", "raw-best"),
+    pairs = {"auto_vs_faster_raw": (f"reflective-{auto}", f"raw-{_faster_raw(med)}"),
              "auto_vs_reflective_unified": (f"reflective-{auto}", "reflective-unified"),
              "streams_vs_unified_raw": ("raw-streams", "raw-unified"),
              "reflective_vs_raw_unified": ("reflective-unified", "raw-unified"),
              "reflective_vs_raw_streams": ("reflective-streams", "raw-streams")}
-    if "raw-unified" in med and "raw-streams" in med:
-        med["raw-best"] = max(med["raw-unified"], med["raw-streams"])
-    ratios = {k: round(med[a] / med[b], 3) for k, (a, b) in pairs.items() if a in med and b in med}
+    ratios, per_round = {}, {}
+    for name, (a, b) in pairs.items():
+        if a in runs and b in runs:
+            by_round = [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(runs[a], runs[b])]
+            ratios[name], per_round[name] = round(statistics.median(by_round), 3), [round(r, 3) for r in by_round]
     first = [r["first_tokens"] for rs in runs.values() for r in rs[:1] if r.get("first_tokens")]
-    return {"auto_layout": auto, "variants": out, "ratios": ratios,
+    return {"auto_layout": auto, "variants": out, "ratios": ratios, "ratios_by_round": per_round,
             "checks": {"same_first_tokens_every_variant": all(f == first[0] for f in first)}}
+
+
+def _faster_raw(med: dict[str, float]) -> str:
+    return max(("unified", "streams"), key=lambda lay: med.get(f"raw-{lay}", 0.0))
 
 
 def _previous_runs(path: str | None, n: int) -> dict[str, list[dict]]:
@@ -240,7 +250,15 @@ def main(argv: list[str] | None = None) -> None:
                 if args.json:  # after every run, so a long benchmark keeps what it measured
                     with atomic_write(args.json) as f:
                         f.write(json.dumps(result, indent=1) + "\n")
-        print(json.dumps(result["by_n"][str(n)]["ratios"]), file=sys.stderr, flush=True)
+        if str(n) in result["by_n"]:
+            print(json.dumps(result["by_n"][str(n)]["ratios"]), file=sys.stderr, flush=True)
+    # Every N stored, summarised again (``--runs 0 --resume`` only does this).
+    for key, stored in result["runs"].items():
+        some = next(r for rs in stored.values() for r in rs)
+        result["by_n"][key] = summarise(stored, auto_layout(some["prompt_tokens"], int(key), args.new_tokens))
+    if args.json:
+        with atomic_write(args.json) as f:
+            f.write(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
