@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
@@ -19,8 +18,6 @@ from edge_ms.tasks import (
     make_problems,
     save_jsonl,
 )
-
-AIME24 = Path("/work/shared/data/aime24.jsonl")
 
 
 def _canonical(p: Problem) -> tuple[str, ...]:
@@ -165,12 +162,18 @@ def test_jsonl_round_trip(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["t.jsonl"]  # no temp file left behind
 
 
-@pytest.mark.skipif(not AIME24.exists(), reason="shared AIME file not present")
-def test_loads_the_aime_file():
-    probs = load_jsonl(AIME24)
-    assert len(probs) == 30
-    assert all(p.task == "plain" and p.answer for p in probs)
-    assert "\\boxed{}" in probs[0].prompt
+def test_loads_a_benchmark_file_in_the_published_format(tmp_path):
+    # The published evaluation's files: one {"prompt", "answer"} object per line, the prompt
+    # carrying its own instruction (so the task is "plain": posed as one user turn).
+    tail = " Please reason step by step, and put your final answer within \\boxed{}."
+    lines = [{"prompt": "Find the sum of all positive divisors of 28." + tail, "answer": "56"},
+             {"prompt": "How many primes are less than 30?" + tail, "answer": 10}]
+    path = tmp_path / "bench.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    probs = load_jsonl(path)
+    assert [p.answer for p in probs] == ["56", "10"]
+    assert all(p.task == "plain" and "\\boxed{}" in p.prompt for p in probs)
+    assert chat_messages(probs[0]) == [{"role": "user", "content": lines[0]["prompt"]}]
 
 
 @pytest.mark.parametrize(
