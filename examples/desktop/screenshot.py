@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from app import MainWindow  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
 
-QUESTION = "Tom has 5 apples. Tom buys 3 more and then gives away 2. How many apples does Tom have now?"
+# The README's first question, with the CLI's defaults (8 trajectories, 1024 new tokens at most).
+QUESTION = "Mia has 7 cards. Mia gives away 4 and then gets 2 more from a friend. How many cards does Mia have now?"
 
 
 def _wait(qapp: QApplication, cond, timeout: float) -> None:
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", help="PNG to write")
     ap.add_argument("--question", default=QUESTION)
-    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=2)
     args = ap.parse_args(argv)
     qapp = QApplication.instance() or QApplication(sys.argv[:1])
     win = MainWindow(model_spec={"model": None})
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(win.error)
     win.prompt.setPlainText(args.question)
     win.effort.setCurrentIndex(win.effort.findData("medium"))
-    win.max_tokens.setValue(96)
+    win.max_tokens.setValue(1024)
     win.seed.setValue(args.seed)
     win.ask_button.click()
     _wait(qapp, lambda: not win.busy, 600)
