@@ -394,7 +394,6 @@ class Engine:
         stats.score_s += time.perf_counter() - t0
         for seq in range(1, n):
             llama_cpp.llama_memory_seq_cp(self._mem, 0, seq, -1, -1)
-        banned = self.model.eog_ids if params.ignore_eos else ()
         base = StepTracker(spec, len(prompt_ids))
         for tok in prompt_ids:
             base.add_token(tok)
@@ -403,7 +402,7 @@ class Engine:
         trajs = []
         for i in range(n):
             traj = Trajectory(i, base.copy(), i_batch=prefill.last_index,
-                              sampler=make_sampler(params, self.model.n_vocab, params.seed + i, prompt_ids, banned))
+                              sampler=self._sampler(params, i, prompt_ids))
             if self.keep_rows:
                 traj.rows = {q: prefill.rows[q] for q in cands}
             trajs.append(traj)
@@ -496,15 +495,14 @@ class Engine:
         with no extra decode. It copies the parent's tokens, text, step tracker and rows; its
         sampler is fresh, seeded by its own index, its penalty window primed with the same history.
         """
-        free = sorted(set(range(n)) - {t.seq for t in live})
+        free = _free_seqs(n, live)
         events = []
         for parent, seq in zip([p for p in parents if p.live], free):
             llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
             llama_cpp.llama_memory_seq_cp(self._mem, parent.seq, seq, -1, -1)
             child = Trajectory(len(trajs), parent.tracker.copy(), list(parent.tokens), bytearray(parent.text),
                                i_batch=parent.i_batch, seq=seq, parent=parent.index, fork_at=len(parent.tokens))
-            child.sampler = make_sampler(params, self.model.n_vocab, params.seed + child.index,
-                                         prompt_ids + parent.tokens)
+            child.sampler = self._sampler(params, child.index, prompt_ids + parent.tokens)
             if parent.rows is not None:
                 child.rows = dict(parent.rows)
             trajs.append(child)
@@ -521,17 +519,23 @@ class Engine:
         decoded again with the round, so a fresh trajectory number i is trajectory i of a
         plain run: the same state, the same seed, the same penalty history.
         """
-        free = sorted(set(range(n)) - {t.seq for t in live})
+        free = _free_seqs(n, live)
         events = []
         for seq in free[:count]:
             llama_cpp.llama_memory_seq_rm(self._mem, seq, len(prompt_ids) - 1, -1)
             traj = Trajectory(len(trajs), root.tracker.copy(), seq=seq,
                               rows=dict(root.rows) if root.rows is not None else None)
-            traj.sampler = make_sampler(params, self.model.n_vocab, params.seed + traj.index, prompt_ids)
+            traj.sampler = self._sampler(params, traj.index, prompt_ids)
             trajs.append(traj)
             live.append(traj)
             events.append(Event("start", index=traj.index))
         return events
+
+    def _sampler(self, params: SamplingParams, index: int, history: list[int]):
+        """Trajectory ``index``'s sampler chain: its own seed, the penalty window primed with
+        ``history``, and every end-of-generation token banned when ``params.ignore_eos``."""
+        banned = self.model.eog_ids if params.ignore_eos else ()
+        return make_sampler(params, self.model.n_vocab, params.seed + index, history, banned)
 
     def _reusable(self, prompt_ids: list[int], prompt_cands: list[int]) -> int:
         """How many leading prompt tokens seq 0 already holds, with every tapped row they need."""
@@ -574,6 +578,11 @@ class _Prefill:
     rows: dict[int, np.ndarray]
     last_rows: np.ndarray | None
     last_index: int  # the prompt's last token in the last batch: where its logits are
+
+
+def _free_seqs(n: int, live: list[Trajectory]) -> list[int]:
+    """The sequence ids of ``n`` that no live trajectory holds, lowest first."""
+    return sorted(set(range(n)) - {t.seq for t in live})
 
 
 def _apply_policy(policy: SearchPolicy, trajs: list[Trajectory], n: int) -> tuple[list[Trajectory], int]:

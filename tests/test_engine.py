@@ -222,3 +222,20 @@ def test_ignore_eos_runs_every_trajectory_to_its_length(converted):
     assert eog and any(c.finish_reason == "stop" for c in plain.candidates), "the fixture should stop sometimes"
     assert all(len(t.tokens) == 60 and t.finish_reason == "length" for t in done.trajectories)
     assert not eog & {tok for t in done.trajectories for tok in t.tokens}
+
+
+def test_ignore_eos_holds_for_forks_too(converted):
+    from edge_ms.sampling import SamplingParams
+    from edge_ms.search import BeamSearch
+
+    r = Reasoner.load(converted("tiny-qwen2", "f32"))
+    try:
+        eog = set(r.model.eog_ids)
+        params = SamplingParams(seed=5, max_new_tokens=60, temperature=1.0, ignore_eos=True)
+        done = list(r.engine.generate(r.prompt_ids("Fork and go on."), 4, params, policy=BeamSearch(width=1)))[-1]
+    finally:
+        r.close()
+    forks = [t for t in done.trajectories if t.parent is not None]
+    assert forks, "the beam should fork on the fixture"
+    assert not eog & {tok for t in done.trajectories for tok in t.tokens}
+    assert {t.finish_reason for t in done.trajectories} <= {"length", "pruned"}
