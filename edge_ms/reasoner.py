@@ -19,7 +19,7 @@ from edge_ms.search import BeamSearch, EarlyStop, PruneRule, SearchPolicy
 from edge_ms.select import STRATEGIES, AnswerMass, answer_masses, select
 from edge_ms.sizes import human_size
 from edge_ms.store import locate
-from edge_ms.tasks import styled_messages
+from edge_ms.tasks import check_prompt_style, styled_messages
 
 # The embedded default is a 135M demo model: its head was trained and calibrated on questions
 # posed in the few-shot arithmetic chat, so plain questions are posed that way too.
@@ -125,8 +125,7 @@ class Reasoner:
         self.head = head
         self.engine = engine
         # How a plain string prompt is posed (edge_ms.tasks.PROMPT_STYLES); message lists go as given.
-        styled_messages("", prompt_style)  # refuse an unknown style now, not at the first prompt
-        self.prompt_style = prompt_style
+        self.prompt_style = check_prompt_style(prompt_style)  # refused now, not at the first prompt
         self._think_end_text = model.token_text(head.spec.think_end_id) if head.spec.think_end_id is not None else None
 
     @classmethod
@@ -207,14 +206,13 @@ class Reasoner:
             raise EdgeMSError(f"--strategy {strategy}: unknown (choose from {', '.join(STRATEGIES)})")
         if seed is None:
             seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
-        slots = n_seq
         if policy is None:
-            policy, slots = self.search_policy(strategy, n_seq, beam_width)
+            policy = self.search_policy(strategy, n_seq, beam_width)
         params = SamplingParams(temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
                                 seed=seed, max_new_tokens=max_new_tokens, stop=tuple(stop))
         ids = self.prompt_ids(prompt, raw, parse_special)
         stats = Stats()
-        for event in self.engine.generate(ids, slots, params, policy=policy, should_stop=should_stop, stats=stats,
+        for event in self.engine.generate(ids, n_seq, params, policy=policy, should_stop=should_stop, stats=stats,
                                           kv_layout=kv_layout):
             if event.kind != "done":
                 yield event
@@ -226,8 +224,8 @@ class Reasoner:
                               prompt_token_ids=ids, candidates=cands, strategy=strategy, seed=seed, stats=stats,
                               answers=answer_masses(cands)))
 
-    def search_policy(self, strategy: str, n: int, beam_width: int | None = None) -> tuple[SearchPolicy | None, int]:
-        """The search a strategy runs while the trajectories grow (None: plain sampling), and its sequences.
+    def search_policy(self, strategy: str, n: int, beam_width: int | None = None) -> SearchPolicy | None:
+        """The search a strategy runs while the trajectories grow over ``n`` sequences (None: plain sampling).
 
         ``beam_width`` (beam only): partial trajectories kept at each depth, default N // 4
         (at least 1), so that each kept one has about four of the N sequences. (Early stop in
@@ -236,15 +234,15 @@ class Reasoner:
         if beam_width is not None and strategy != "beam":
             raise EdgeMSError(f"--beam-width: only for --strategy beam, not {strategy}")
         if strategy == "prune":
-            return PruneRule(), n
+            return PruneRule()
         if strategy == "beam":
             width = max(1, n // 4) if beam_width is None else beam_width
             if not 1 <= width <= n:
                 raise EdgeMSError(f"--beam-width {width}: must be from 1 to N = {n}")
-            return BeamSearch(width=width), n
+            return BeamSearch(width=width)
         if strategy == "early-stop":
-            return EarlyStop(**EARLY_STOP_DEFAULTS, answer_of=lambda t: self._answer_key(t.decoded())), n
-        return None, n
+            return EarlyStop(**EARLY_STOP_DEFAULTS, answer_of=lambda t: self._answer_key(t.decoded()))
+        return None
 
     def solve(self, prompt: str | list[dict[str, str]], mode: str = "medium", n: int | None = None,
               on_event: Callable[[Event], None] | None = None, **kwargs) -> Result:

@@ -244,13 +244,18 @@ def arith_messages(question: str) -> list[dict[str, str]]:
 PROMPT_STYLES = ("chat", "arith")
 
 
+def check_prompt_style(style: str) -> str:
+    """``style`` itself when it is one of PROMPT_STYLES; one line naming it otherwise."""
+    if style not in PROMPT_STYLES:
+        raise EdgeMSError(f"--prompt-style {style}: unknown (choose from {', '.join(PROMPT_STYLES)})")
+    return style
+
+
 def styled_messages(question: str, style: str) -> list[dict[str, str]]:
     """The messages that pose ``question`` in ``style`` (one of PROMPT_STYLES)."""
-    if style == "arith":
+    if check_prompt_style(style) == "arith":
         return arith_messages(question)
-    if style == "chat":
-        return [{"role": "user", "content": question}]
-    raise EdgeMSError(f"--prompt-style {style}: unknown (choose from {', '.join(PROMPT_STYLES)})")
+    return [{"role": "user", "content": question}]
 
 
 def chat_messages(problem: Problem) -> list[dict[str, str]]:
