@@ -312,19 +312,25 @@ def plan_cmd(model, quant, shape, memory, mode, n, max_new_tokens, kv_type, prom
 @click.option("--warmup-epochs", type=int, default=5, show_default=True,
               help="Epochs of class-weighted BCE on every step before the agreement filter starts.")
 @click.option("--delimiter", default=None, help='Step delimiter text, one token (default ".\\n\\n" with think markers, else "\\n").')
-@click.option("--layer", type=int, default=None, help="Tapped layer (default n_layer - 2).")
+@click.option("--layer", type=int, default=None, help="Tap this layer alone (default: choose among --layers).")
+@click.option("--layers", default=None,
+              help="Candidate layers to choose among on the validation problems, comma separated "
+                   "(default: n_layer/2, 3*n_layer/4, n_layer-2); all are tapped in one pass of sampling.")
+@click.option("--losses", default="spr,bce,bce+spr", show_default=True,
+              help="Losses to choose among: spr (the SPR loss from the start), bce (class-balanced BCE), "
+                   "bce+spr (--warmup-epochs of BCE, then SPR).")
 @click.option("--init", "init", default=None, help="Start from this head instead of a fresh one.")
 @click.option("--threads", type=int, default=None, help="Threads in all (default: every core).")
 @click.option("--workers", type=int, default=1, show_default=True,
               help="Sample this many problems at once, the threads split between them (small models: one per core).")
 @click.option("--cache", default=None, help="Keep sampled trajectories here; a rerun reuses them (resume, retrain).")
 @click.option("--calib-problems", type=int, default=50, show_default=True,
-              help="Validation problems (neither trained on nor held out) to calibrate the head's confidence on.")
+              help="Validation problems (train split, never trained on) to choose the recipe and calibrate on.")
 @click.option("--force", is_flag=True, help="Overwrite an existing head file.")
 @_one_line_errors
 def train_sprm_cmd(model, task, output, train_problems, heldout_problems, n, seed, max_new_tokens, temperature,
-                   epochs, lr, warmup_epochs, delimiter, layer, init, threads, workers, cache, calib_problems,
-                   force) -> None:
+                   epochs, lr, warmup_epochs, delimiter, layer, layers, losses, init, threads, workers, cache,
+                   calib_problems, force) -> None:
     """Train an SPRM head on the frozen backbone from final-answer correctness alone (SPR loss)."""
     from pathlib import Path
 
@@ -353,7 +359,8 @@ def train_sprm_cmd(model, task, output, train_problems, heldout_problems, n, see
         if not heldout:
             raise EdgeMSError(f"{task}: too few problems to hold some out for evaluation")
     config = TrainConfig(n=n, seed=seed, max_new_tokens=max_new_tokens, temperature=temperature, epochs=epochs, lr=lr,
-                         warmup_epochs=warmup_epochs, delimiter=delimiter, layer=layer, workers=workers)
+                         warmup_epochs=warmup_epochs, delimiter=delimiter, layer=layer, workers=workers,
+                         candidate_layers=_int_list("--layers", layers), losses=_losses(losses))
     with Progress(transient=True) as bar:
         tasks: dict[str, object] = {}
 
@@ -368,18 +375,51 @@ def train_sprm_cmd(model, task, output, train_problems, heldout_problems, n, see
                 tasks["epochs"] = bar.add_task("training", total=epochs)
             bar.update(tasks["epochs"], completed=e.epoch)
 
+        def on_trial(t: dict) -> None:
+            v = t["validation"]
+            data = f"{t['problem_share']:.0%} of problems, {t['samples'] or n} per problem"
+            bar.console.print(f"  layer {t['layer']:>3}  {t['loss']:<8} {data}: validation AUC {v['auc']:.3f}  "
+                              f"best-of-{n} {v['sprm_best']:.3f}  weighted {v['sprm_weighted']:.3f}")
+
         report = train_sprm(gguf, train, heldout, out, config, DeviceSettings(n_threads=threads), init,
-                            on_progress, on_epoch, cache, calib)
+                            on_progress, on_epoch, cache, calib, on_trial)
     b, a = report.before, report.heldout
     click.echo(f"head: {report.head}  log: {report.log_path}  plot: {report.plot_path}")
-    click.echo(f"held-out ({a['problems']} problems, N={n}): pass@1 {a['pass@1']:.3f}  oracle {a['oracle']:.3f}  "
-               f"majority {a['majority']:.3f}")
-    click.echo(f"  SPRM best-of-{n}: {b['sprm_best']:.3f} before training -> {a['sprm_best']:.3f} after  "
-               f"(weighted vote {a['sprm_weighted']:.3f}, random pick {a['random']:.3f}, AUC {a['auc']:.3f})")
+    r = report.recipe
+    click.echo(f"recipe: layer {r.layer}, loss {r.loss}, {r.problem_share:.0%} of {len(train)} problems, "
+               f"{r.samples or n} trajectories per problem" + ("" if report.trials else " (nothing to choose among)"))
+    if a:
+        _print_heldout(a, b, n)
     if report.calibration is None:
         click.echo("no calibration: no validation problems left (lower --train-problems, or run edge-ms calibrate)")
     else:
         _print_calibration(report.calibration)
+
+
+def _int_list(option: str, text: str | None) -> tuple[int, ...]:
+    if text is None:
+        return ()
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise EdgeMSError(f"{option} {text}: expected whole numbers separated by commas, e.g. 15,22,28") from None
+
+
+def _losses(text: str) -> tuple[str, ...]:
+    from edge_ms.sprm import LOSSES
+
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [x for x in names if x not in LOSSES]
+    if bad or not names:
+        raise EdgeMSError(f"--losses {text}: choose from {', '.join(LOSSES)}")
+    return names
+
+
+def _print_heldout(a: dict, b: dict, n: int) -> None:
+    click.echo(f"held-out ({a['problems']} problems, N={n}): pass@1 {a['pass@1']:.3f}  oracle {a['oracle']:.3f}  "
+               f"majority {a['majority']:.3f}")
+    click.echo(f"  SPRM best-of-{n}: {b['sprm_best']:.3f} before training -> {a['sprm_best']:.3f} after  "
+               f"(weighted vote {a['sprm_weighted']:.3f}, random pick {a['random']:.3f}, AUC {a['auc']:.3f})")
 
 
 def _print_calibration(report) -> None:

@@ -127,7 +127,8 @@ class Engine:
 
     def __init__(self, model: Model, head: Head | None, n_batch: int = ENGINE_BATCH, n_ubatch: int | None = None,
                  tap_enabled: bool = True, keep_rows: bool = False,
-                 memory_budget_bytes: int | None = None, n_threads: int | None = None) -> None:
+                 memory_budget_bytes: int | None = None, n_threads: int | None = None,
+                 extra_layers: tuple[int, ...] = ()) -> None:
         self.model = model
         # Threads of this context (default: the model's settings); several engines on one
         # model, one thread each, is how train-sprm uses every core.
@@ -140,6 +141,9 @@ class Engine:
         self.keep_rows = keep_rows
         layer = head.spec.layer if head else model.n_layer - 2
         self.layer = layer
+        # Layers also tapped (after the head's, side by side in each kept row): training data
+        # for a choice of layer comes from one pass of sampling. Scoring reads the head's alone.
+        self.extra_layers = tuple(extra_layers)
         self.tap_enabled = tap_enabled and head is not None
         self.abort = AbortFlag()
         self._ctx = None
@@ -207,7 +211,7 @@ class Engine:
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if s.kv_type != "f16" else llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
         )
         p.no_perf = True
-        self._tap = Tap(self.layer, m.n_embd, n_batch)
+        self._tap = Tap(self.layer, m.n_embd, n_batch, self.extra_layers)
         self._tap.enabled = self.tap_enabled
         if self.tap_enabled:
             p.cb_eval = self._tap.cb_eval
@@ -390,7 +394,7 @@ class Engine:
         spec = self.head.spec if self.head else _NO_STEPS
         cands = prefill.candidates
         t0 = time.perf_counter()
-        scores = self.head.score(np.stack([prefill.rows[q] for q in cands])) if cands else []
+        scores = self._score([prefill.rows[q] for q in cands]) if cands else []
         stats.score_s += time.perf_counter() - t0
         for seq in range(1, n):
             llama_cpp.llama_memory_seq_cp(self._mem, 0, seq, -1, -1)
@@ -446,7 +450,7 @@ class Engine:
         if not to_score:
             return []
         t0 = time.perf_counter()
-        scores = self.head.score(np.stack([row for _, _, row in to_score]))
+        scores = self._score([row for _, _, row in to_score])
         stats.score_s += time.perf_counter() - t0
         events = []
         for (traj, q, row), s in zip(to_score, scores):
@@ -455,6 +459,10 @@ class Engine:
                 traj.rows[q] = row.copy()
             events.append(Event("step", index=traj.index, n_tokens=len(traj.tokens), step_score=float(s), score=traj.score()))
         return events
+
+    def _score(self, rows: list[np.ndarray]) -> np.ndarray:
+        """The head's step scores of tapped rows (their first ``n_embd`` floats: the head's layer)."""
+        return self.head.score(np.stack(rows)[:, : self.model.n_embd])
 
     def _retire(self, live: list[Trajectory], n_prompt: int) -> list[Event]:
         """Free the cells of trajectories that ended this round; their logits index becomes -1."""

@@ -33,6 +33,7 @@ from edge_ms.model import DeviceSettings, Model
 from edge_ms.sampling import SamplingParams
 from edge_ms.score import trajectory_score
 from edge_ms.select import best_of_n, majority_vote, weighted_vote
+from edge_ms.tap import MAX_LAYERS
 from edge_ms.tasks import Problem, chat_messages
 from edge_ms.train import EpochLog, auc, init_head, plot_scores, step_scores, train_head
 
@@ -101,8 +102,10 @@ def sample(
     the GIL), the threads of ``engine``'s model split between them: on a small model a decode
     step is compute-bound, so two one-thread contexts beat one two-thread context. The
     samples are the same whatever ``workers``, up to llama.cpp's batch-composition noise.
-    ``cache``: a directory keeping each problem's samples (keyed by backbone, tapped layer,
+    ``cache``: a directory keeping each problem's samples (keyed by backbone, tapped layers,
     prompt, seed and sampling settings), so an interrupted run resumes where it stopped.
+    With ``engine.extra_layers``, each sample's rows hold every tapped layer side by side, in
+    the order of :func:`tapped_layers` (:func:`at_layer` takes one out).
     """
     if workers < 1:
         raise EdgeMSError(f"--workers {workers}: must be at least 1")
@@ -111,7 +114,8 @@ def sample(
         return _sample_shard(engine, list(enumerate(problems)), n, seed, max_new_tokens, temperature, top_p,
                              on_problem, cache)
     threads = max(1, (engine.n_threads or engine.model.settings.threads()) // workers)
-    engines = [Engine(engine.model, engine.head, keep_rows=True, n_threads=threads) for _ in range(workers)]
+    engines = [Engine(engine.model, engine.head, keep_rows=True, n_threads=threads, extra_layers=engine.extra_layers)
+               for _ in range(workers)]
     indexed = list(enumerate(problems))
     try:
         with ThreadPoolExecutor(workers) as pool:
@@ -159,7 +163,7 @@ def _sample_shard(engine, indexed, n, seed, max_new_tokens, temperature, top_p, 
                     text = t.decoded()
                     got.append(
                         Sample(i, text, t.finish_reason, is_correct(text, prob.answer), extract_answer(text),
-                               t.step_rows().reshape(-1, model.n_embd), len(t.tokens), t.score())
+                               _sorted_rows(engine, t.step_rows()), len(t.tokens), t.score())
                     )
                 if path is not None:
                     save_samples(path, got)
@@ -171,11 +175,37 @@ def _sample_shard(engine, indexed, n, seed, max_new_tokens, temperature, top_p, 
     return out
 
 
+def tapped_layers(engine: Engine) -> list[int]:
+    """The layers an engine's samples hold, in the order their rows put them side by side."""
+    return sorted({engine.layer, *engine.extra_layers})
+
+
+def _sorted_rows(engine: Engine, rows: np.ndarray) -> np.ndarray:
+    """Step rows from the engine's tap order (head's layer first) to :func:`tapped_layers` order."""
+    c = engine.model.n_embd
+    order = [engine.layer, *engine.extra_layers]
+    k = len(order)
+    rows = rows.reshape(-1, k, c)
+    return rows[:, [order.index(layer) for layer in tapped_layers(engine)], :].reshape(-1, k * c)
+
+
+def at_layer(samples: Sequence[Sample], layers: Sequence[int], layer: int) -> list[Sample]:
+    """The samples with the rows of ``layer`` alone (``layers``: what their rows hold, in order)."""
+    if layer not in layers:
+        raise EdgeMSError(f"layer {layer} was not tapped while sampling (tapped: {list(layers)})")
+    k = list(layers).index(layer)
+    out = []
+    for s in samples:
+        c = s.rows.shape[1] // len(layers)
+        out.append(replace(s, rows=s.rows[:, k * c : (k + 1) * c]))
+    return out
+
+
 def _cache_path(cache, engine: Engine, ids: list[int], n: int, params: SamplingParams) -> Path | None:
     if cache is None:
         return None
     spec = engine.head.spec
-    key = json.dumps([engine.model.fingerprint, spec.layer, list(spec.step_delimiter_ids), spec.think_start_id,
+    key = json.dumps([engine.model.fingerprint, tapped_layers(engine), list(spec.step_delimiter_ids), spec.think_start_id,
                       spec.think_end_id, ids, n, asdict(params)], default=str)
     return Path(cache) / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".npz")
 
@@ -271,8 +301,88 @@ class TrainConfig:
     lr: float = 1e-4
     warmup_epochs: int = 5
     delimiter: str | None = None
-    layer: int | None = None
+    layer: int | None = None  # the one layer to tap; None: choose among candidate_layers
     workers: int = 1
+    # What train_sprm chooses among on validation problems (choose_recipe); one value each: no choice.
+    candidate_layers: tuple[int, ...] = ()  # (): n_layer // 2, 3 * n_layer // 4 and n_layer - 2
+    losses: tuple[str, ...] = ("spr", "bce", "bce+spr")
+
+
+# Warm-up epochs of class-balanced BCE (no agreement filter) before the SPR loss, per loss name.
+LOSSES = {"spr": lambda config: 0, "bce": lambda config: config.epochs,
+          "bce+spr": lambda config: config.warmup_epochs}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a head is trained: tapped layer, loss, and how much of the sampled data it sees."""
+
+    layer: int
+    loss: str  # a key of LOSSES
+    problem_share: float = 1.0  # the first this share of the training problems
+    samples: int | None = None  # trajectories per problem (the first ones); None: all
+
+
+def candidate_layers(model: Model, config: TrainConfig) -> list[int]:
+    """The layers to tap while sampling: ``config.layer`` alone, or the candidates to choose among."""
+    if config.layer is not None:
+        return [config.layer]
+    n = model.n_layer
+    layers = sorted(set(config.candidate_layers or {min(k, n - 2) for k in (n // 2, 3 * n // 4, n - 2)}))
+    bad = [layer for layer in layers if not 0 <= layer < n - 1]
+    if bad:
+        raise EdgeMSError(f"--layers {','.join(map(str, bad))}: {model.path.name} has {n} layers (choose 0 to {n - 2})")
+    if len(layers) > MAX_LAYERS:
+        raise EdgeMSError(f"--layers: at most {MAX_LAYERS} candidate layers, got {len(layers)}")
+    return layers
+
+
+def train_recipe(samples: Sequence[Sample], layers: Sequence[int], recipe: Recipe, config: TrainConfig,
+                 init_weights: dict | None = None, heldout: tuple | None = None, on_epoch=None):
+    """Train a head by ``recipe`` on ``samples`` (rows of ``layers``); returns (weights, epoch log)."""
+    problems = sorted({s.problem for s in samples})
+    keep = set(problems[: max(1, round(recipe.problem_share * len(problems)))])
+    seen: dict[int, int] = {}
+    picked = []
+    for s in samples:
+        seen[s.problem] = seen.get(s.problem, 0) + 1
+        if s.problem in keep and (recipe.samples is None or seen[s.problem] <= recipe.samples):
+            picked.append(s)
+    x, y, t = arrays(at_layer(picked, layers, recipe.layer))
+    return train_head(x, y, t, init_weights=init_weights, epochs=config.epochs, lr=config.lr, seed=config.seed,
+                      warmup_epochs=LOSSES[recipe.loss](config), heldout=heldout, on_epoch=on_epoch)
+
+
+def choose_recipe(train: Sequence[Sample], validation: Sequence[Sample], layers: Sequence[int],
+                  config: TrainConfig, on_trial: Callable[[dict], None] | None = None,
+                  init_weights: dict | None = None) -> tuple[Recipe, list[dict]]:
+    """The recipe whose head ranks the validation trajectories best (AUC, then best-of-N).
+
+    Every layer with every loss on all the data first; then the winner on half the problems
+    and on half the trajectories per problem, which tells whether more data still helps (and
+    a smaller share wins only if it scores better). Returns the recipe and the trials (each
+    recipe with its validation figures), for the training log.
+    """
+    trials = []
+
+    def trial(recipe: Recipe) -> tuple:
+        weights, _ = train_recipe(train, layers, recipe, config, init_weights)
+        val = at_layer(validation, layers, recipe.layer)
+        rescore(val, lambda rows: step_scores(weights, rows))
+        figures = evaluate(val, config.n)
+        trials.append({**asdict(recipe), "validation": figures})
+        if on_trial is not None:
+            on_trial(trials[-1])
+        auc_ = figures["auc"] if figures["auc"] == figures["auc"] else 0.0
+        return auc_, figures["sprm_best"]
+
+    grid = {Recipe(layer, loss): None for layer in layers for loss in config.losses}
+    for recipe in grid:
+        grid[recipe] = trial(recipe)
+    best = max(grid, key=grid.get)
+    for variant in (replace(best, problem_share=0.5), replace(best, samples=max(1, config.n // 2))):
+        grid[variant] = trial(variant)
+    return max(grid, key=grid.get), trials
 
 
 @dataclass
@@ -285,6 +395,8 @@ class TrainReport:
     heldout: dict = field(default_factory=dict)
     before: dict = field(default_factory=dict)
     epochs: list[EpochLog] = field(default_factory=list)
+    recipe: Recipe | None = None
+    trials: list[dict] = field(default_factory=list)
     calibration: CalibrationReport | None = None
 
 
@@ -308,12 +420,16 @@ def _counter(on_progress, phase: str, total: int):
 
 
 def _sample_phases(model: Model, spec: HeadSpec, weights: dict, phases: dict[str, tuple[Sequence[Problem], int]],
-                   config: TrainConfig, on_progress, cache) -> dict[str, list[Sample]]:
-    """Sample each phase's problems (with its seed) on a head of ``spec``: only its tap positions matter."""
+                   config: TrainConfig, on_progress, cache, layers: Sequence[int] = ()) -> dict[str, list[Sample]]:
+    """Sample each phase's problems (with its seed) on a head of ``spec``: only its tap positions matter.
+
+    ``layers``: every layer to tap (rows side by side, sorted); default: the spec's alone.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         boot = Path(tmp) / "start.sprm.onnx"
         write_head(boot, weights, spec)
-        engine = Engine(model, load_head(boot), keep_rows=True)
+        extra = tuple(layer for layer in layers if layer != spec.layer)
+        engine = Engine(model, load_head(boot), keep_rows=True, extra_layers=extra)
         try:
             out = {}
             for phase, (problems, seed) in phases.items():
@@ -323,6 +439,17 @@ def _sample_phases(model: Model, spec: HeadSpec, weights: dict, phases: dict[str
             return out
         finally:
             engine.close()
+
+
+def _start_head(model: Model, config: TrainConfig, init) -> tuple[HeadSpec, dict, list[int]]:
+    """The spec and weights training starts from, and the layers to tap while sampling."""
+    if init is not None:
+        start = load_head(init)
+        check_backbone(start, model)
+        # New weights, new calibration; a given head keeps its layer.
+        return replace(start.spec, calibration=None), start.weights(), [start.spec.layer]
+    layers = candidate_layers(model, config)
+    return default_spec(model, config.delimiter, layers[-1]), init_head(model.n_embd, config.seed), layers
 
 
 def train_sprm(
@@ -337,61 +464,78 @@ def train_sprm(
     on_epoch: Callable[[EpochLog], None] | None = None,
     cache: str | Path | None = None,
     calib_problems: Sequence[Problem] = (),
+    on_trial: Callable[[dict], None] | None = None,
 ) -> TrainReport:
-    """Sample, label, train and write ``out`` (the head), ``out``.log.json and ``out``.png.
+    """Sample, choose a recipe, train and write ``out`` (the head), ``out``.train.json and ``out``.train.png.
 
-    ``cache``: a directory for the sampled trajectories (see :func:`sample`).
-    ``calib_problems``: validation problems (neither trained on nor held out) whose trajectories
-    calibrate the trained head's scores (:func:`calibrate_sprm`); none: the head has no calibration.
+    ``calib_problems``: validation problems (of the training split, never trained on): the
+    recipe (tapped layer, loss, amount of data; :func:`choose_recipe`) is chosen on them and
+    the trained head's scores are calibrated on them (:func:`calibrate_sprm`). Without them
+    there is nothing to choose on: the head trains on the last candidate layer with the
+    warm-up-then-SPR loss and has no calibration. ``heldout_problems`` are only scored for
+    the log, never chosen on. ``cache``: a directory for the sampled trajectories (:func:`sample`).
     """
     out = _check_out(out)
     model = Model(gguf, settings)
     try:
-        if init is not None:
-            start = load_head(init)
-            check_backbone(start, model)
-            spec, weights = replace(start.spec, calibration=None), start.weights()  # new weights, new calibration
-        else:
-            spec = default_spec(model, config.delimiter, config.layer)
-            weights = init_head(model.n_embd, config.seed)
+        spec, weights, layers = _start_head(model, config, init)
         phases = {"train": (train_problems, config.seed), "held-out": (heldout_problems, config.seed + 1),
                   "validation": (calib_problems, config.seed + 2)}
-        got = _sample_phases(model, spec, weights, phases, config, on_progress, cache)
+        got = _sample_phases(model, spec, weights, phases, config, on_progress, cache, layers)
     finally:
         model.close()
-    tr, ho, va = got["train"], got["held-out"], got["validation"]
-    x, y, t = arrays(tr)
+    init_weights = weights if init is not None else None
+    trials: list[dict] = []
+    if got["validation"] and len(layers) * len(config.losses) > 1:
+        recipe, trials = _choose(got["train"], got["validation"], layers, config, on_trial, init_weights)
+    else:
+        recipe = Recipe(spec.layer, "bce+spr" if "bce+spr" in config.losses else config.losses[0])
+    spec = replace(spec, layer=recipe.layer)
+    tr, ho, va = (at_layer(got[k], layers, recipe.layer) for k in ("train", "held-out", "validation"))
     # The held-out curve is optional: a tiny held-out set may have no finished trajectory.
     held = arrays(ho) if any(s.finished and len(s.rows) for s in ho) else None
     rescore(ho, lambda rows: step_scores(weights, rows))
-    before = evaluate(ho, config.n)
-    trained, epochs = train_head(
-        x, y, t, init_weights=weights if init is not None else None, epochs=config.epochs, lr=config.lr,
-        seed=config.seed, warmup_epochs=config.warmup_epochs, heldout=held, on_epoch=on_epoch,
-    )
-    provenance = {"trained_by": "edge-ms train-sprm", "config": json.dumps(asdict(config))}
+    before = evaluate(ho, config.n) if ho else {}
+    trained, epochs = train_recipe(got["train"], layers, recipe, config, init_weights, held, on_epoch)
+    provenance = {"trained_by": "edge-ms train-sprm", "config": json.dumps(asdict(config)),
+                  "recipe": json.dumps(asdict(recipe))}
     write_head(out, trained, spec, provenance=provenance)
     final = load_head(out)
     rescore(ho, final.score)
-    after = evaluate(ho, config.n)
+    after = evaluate(ho, config.n) if ho else {}
     report = TrainReport(out, _beside(out, ".train.json"), _beside(out, ".train.png"), asdict(config),
-                         int(len(np.unique(t))), after, before, epochs)
+                         sum(s.finished and len(s.rows) > 0 for s in tr), after, before, epochs, recipe=recipe,
+                         trials=trials)
     if va:
         rescore(va, final.score)
         report.calibration = _store_calibration(final, va, out, trained, provenance, "edge-ms train-sprm", config,
                                                 task=f"{len(calib_problems)} validation problems")
-    _write_json(report.log_path, {
-        "head": str(out), "config": asdict(config), "spec": asdict(spec),
-        "train": {"problems": len(train_problems), "trajectories": len(tr),
-                  "finished": sum(s.finished for s in tr), "correct": sum(s.correct for s in tr),
-                  "used_trajectories": report.train_trajectories, "steps": int(len(y))},
-        "heldout_before": before, "heldout_after": after,
-        "calibration": report.calibration.fit.summary() if report.calibration else None,
-        "epochs": [asdict(e) for e in epochs],
-    })
+    _write_train_log(report, spec, layers, tr)
     if not plot_scores(epochs, report.plot_path):
         report.plot_path = None
     return report
+
+
+def _choose(train, validation, layers, config, on_trial, init_weights) -> tuple[Recipe, list[dict]]:
+    recipe, trials = choose_recipe(train, validation, layers, config, on_trial, init_weights)
+    for t in trials:
+        t["chosen"] = Recipe(**{k: t[k] for k in ("layer", "loss", "problem_share", "samples")}) == recipe
+    return recipe, trials
+
+
+def _write_train_log(report: TrainReport, spec: HeadSpec, layers: Sequence[int], tr: Sequence[Sample]) -> None:
+    used = {s.problem for s in tr}
+    _write_json(report.log_path, {
+        "head": str(report.head), "config": report.config, "spec": asdict(spec),
+        "recipe": asdict(report.recipe), "tapped_layers": list(layers),
+        "selection": {"rule": "highest validation AUC of trajectory scores, then best-of-N accuracy",
+                      "trials": report.trials},
+        "train": {"problems": len(used), "trajectories": len(tr), "finished": sum(s.finished for s in tr),
+                  "correct": sum(s.correct for s in tr)},
+        "heldout_before": report.before, "heldout_after": report.heldout,
+        "calibration": report.calibration.fit.summary() if report.calibration else None,
+        "epochs": [asdict(e) for e in report.epochs],
+    })
 
 
 @dataclass

@@ -18,6 +18,7 @@ import numpy as np
 
 from edge_ms.errors import EdgeMSError
 
+MAX_LAYERS = 8  # EDGE_MS_TAP_MAX_LAYERS
 _STATUS = {1: "more rows than the tap buffer holds", 2: "row width differs from n_embd", 3: "tensor is not float32"}
 
 
@@ -31,6 +32,9 @@ class _TapStruct(ctypes.Structure):
         ("n_calls", ctypes.c_int32),
         ("status", ctypes.c_int32),
         ("data", ctypes.POINTER(ctypes.c_float)),
+        ("n_layers", ctypes.c_int32),
+        ("layers", ctypes.c_int32 * MAX_LAYERS),
+        ("layer_rows", ctypes.c_int32 * MAX_LAYERS),
     ]
 
 
@@ -83,6 +87,15 @@ def native_lib() -> ctypes.CDLL:
             ctypes.c_int32,
         ]
         lib.edge_ms_tap_init.restype = ctypes.c_int
+        lib.edge_ms_tap_init_layers.argtypes = [
+            ctypes.POINTER(_TapStruct),
+            ctypes.POINTER(ctypes.c_int32),
+            ctypes.c_int32,
+            ctypes.c_int32,
+            ctypes.POINTER(ctypes.c_float),
+            ctypes.c_int32,
+        ]
+        lib.edge_ms_tap_init_layers.restype = ctypes.c_int
         lib.edge_ms_tap_reset.argtypes = [ctypes.POINTER(_TapStruct)]
         lib.edge_ms_tap_reset.restype = None
         _lib = lib
@@ -90,25 +103,32 @@ def native_lib() -> ctypes.CDLL:
 
 
 class Tap:
-    """Rows of layer ``layer`` for every token of the last ``llama_decode``.
+    """Rows of layer ``layer`` (and of ``extra_layers``) for every token of the last ``llama_decode``.
 
-    Owns the C struct and the row buffer; both must outlive the llama context
-    that was created with :attr:`cb_eval` and :attr:`user_data`.
+    With extra layers, a token's row is its rows of ``layer`` then of each extra layer, side
+    by side (``len(layers) * n_embd`` floats): one decode reads every candidate layer, which is
+    how training data for a choice of layer is sampled once. Owns the C struct and the row
+    buffer; both must outlive the llama context created with :attr:`cb_eval` and :attr:`user_data`.
     """
 
-    def __init__(self, layer: int, n_embd: int, capacity_rows: int) -> None:
+    def __init__(self, layer: int, n_embd: int, capacity_rows: int, extra_layers: tuple[int, ...] = ()) -> None:
         lib = native_lib()
-        self.buffer = np.zeros((capacity_rows, n_embd), dtype=np.float32)
+        self.layers = (layer, *extra_layers)
+        if len(self.layers) > MAX_LAYERS or len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"bad tap layers {self.layers}: at most {MAX_LAYERS}, each once")
+        self.buffer = np.zeros((capacity_rows, len(self.layers) * n_embd), dtype=np.float32)
         self._struct = _TapStruct()
-        rc = lib.edge_ms_tap_init(
+        layers = (ctypes.c_int32 * len(self.layers))(*self.layers)
+        rc = lib.edge_ms_tap_init_layers(
             ctypes.byref(self._struct),
-            layer,
+            layers,
+            len(self.layers),
             n_embd,
             self.buffer.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
             capacity_rows,
         )
         if rc != 0:
-            raise ValueError(f"bad tap arguments: layer={layer} n_embd={n_embd} capacity={capacity_rows}")
+            raise ValueError(f"bad tap arguments: layers={self.layers} n_embd={n_embd} capacity={capacity_rows}")
         self.layer = layer
         address = ctypes.cast(lib.edge_ms_tap_cb, ctypes.c_void_p).value
         self.cb_eval = llama_cpp.ggml_backend_sched_eval_callback(address)
@@ -133,6 +153,9 @@ class Tap:
     def rows(self) -> np.ndarray:
         """A view of the rows written since :meth:`reset`, in batch order (valid until the next decode)."""
         status = self._struct.status
+        counts = set(self._struct.layer_rows[: len(self.layers)])
+        if not status and len(counts) > 1:  # a layer the graph does not have, or skipped
+            raise EdgeMSError(f"tap of layers {self.layers}: rows per layer differ ({sorted(counts)})")
         if status:
             raise EdgeMSError(f"l_out-{self.layer}: tap failed: {_STATUS.get(status, status)}")
         return self.buffer[: self._struct.n_rows]

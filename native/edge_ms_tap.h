@@ -26,6 +26,7 @@ extern "C" {
 struct ggml_tensor;
 
 #define EDGE_MS_TAP_NAME_MAX 64
+#define EDGE_MS_TAP_MAX_LAYERS 8
 
 enum edge_ms_tap_status {
     EDGE_MS_TAP_OK = 0,
@@ -34,19 +35,29 @@ enum edge_ms_tap_status {
     EDGE_MS_TAP_NOT_F32 = 3,    /* tensor is not contiguous float32 */
 };
 
+/* With several layers, token r's row of layer slot k sits at data[(r * n_layers + k) * n_embd]:
+ * one token's rows of every layer are contiguous, so a kept row is one slice. */
 typedef struct edge_ms_tap {
-    char name[EDGE_MS_TAP_NAME_MAX]; /* graph tensor to copy, e.g. "l_out-26" */
+    char name[EDGE_MS_TAP_NAME_MAX]; /* first graph tensor to copy, e.g. "l_out-26" (for messages) */
     int32_t enabled;                 /* 0: answer no to every ask (tap off) */
-    int32_t n_embd;                  /* floats per row */
-    int32_t capacity_rows;           /* rows that fit in data */
-    int32_t n_rows;                  /* rows written since the last reset */
-    int32_t n_calls;                 /* data calls (micro-batches) since the last reset */
+    int32_t n_embd;                  /* floats per row of one layer */
+    int32_t capacity_rows;           /* tokens that fit in data */
+    int32_t n_rows;                  /* tokens written since the last reset (of layer slot 0) */
+    int32_t n_calls;                 /* data calls (micro-batches) of layer slot 0 since the last reset */
     int32_t status;                  /* enum edge_ms_tap_status, sticky until reset */
-    float *data;                     /* caller-owned, capacity_rows * n_embd floats */
+    float *data;                     /* caller-owned, capacity_rows * n_layers * n_embd floats */
+    int32_t n_layers;                /* layers tapped, 1..EDGE_MS_TAP_MAX_LAYERS */
+    int32_t layers[EDGE_MS_TAP_MAX_LAYERS];     /* their indices, in slot order */
+    int32_t layer_rows[EDGE_MS_TAP_MAX_LAYERS]; /* tokens written per slot since the last reset */
 } edge_ms_tap;
 
 /* Fill tap for layer `layer` (tensor "l_out-<layer>"). Returns 0, or -1 on bad arguments. */
 int edge_ms_tap_init(edge_ms_tap *tap, int32_t layer, int32_t n_embd, float *data, int32_t capacity_rows);
+
+/* The same for n_layers distinct layers read in one pass (a head's layer and candidates for
+ * another, while sampling training data). Returns 0, or -1 on bad arguments. */
+int edge_ms_tap_init_layers(edge_ms_tap *tap, const int32_t *layers, int32_t n_layers, int32_t n_embd, float *data,
+                            int32_t capacity_rows);
 
 /* Forget the rows of the previous llama_decode; call before each llama_decode. */
 void edge_ms_tap_reset(edge_ms_tap *tap);

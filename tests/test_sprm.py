@@ -12,6 +12,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from edge_ms.errors import EdgeMSError
 from edge_ms.head import load_head
 from edge_ms.sprm import Sample, arrays, evaluate
 
@@ -200,3 +201,66 @@ def test_cached_samples_are_labelled_against_the_answers_asked_now(converted, tm
         engine.model.close()
     assert [s.text for s in same] == [s.text for s in fixed] == ["2 + 2 = 4.\n\nThe answer is 4."]  # from the cache
     assert same[0].correct and not fixed[0].correct
+
+
+def test_sampling_several_layers_gives_each_layer_as_sampling_it_alone(converted):
+    """One pass with extra layers tapped: same texts and scores, and each layer's rows as if tapped alone."""
+    from edge_ms.engine import Engine
+    from edge_ms.sprm import at_layer, sample
+
+    engine = _engine(converted)
+    model = engine.model
+    wide = Engine(model, engine.head, keep_rows=True, extra_layers=(0,))
+    head_layer = engine.head.spec.layer
+    try:
+        alone = sample(engine, _problems(2), 2, seed=3, max_new_tokens=40)
+        both = sample(wide, _problems(2), 2, seed=3, max_new_tokens=40)
+        swapped = Engine(model, engine.head, keep_rows=True, extra_layers=(0,))
+        swapped.layer = 0  # the head on layer 0, layer `head_layer` as the extra one: rows keep sorted order
+        swapped.extra_layers = (head_layer,)
+        order = sample(swapped, _problems(1), 2, seed=3, max_new_tokens=40)
+    finally:
+        for e in (engine, wide):
+            e.close()
+        swapped.close()
+        model.close()
+    layers = sorted({0, head_layer})
+    assert [s.text for s in both] == [s.text for s in alone]
+    assert [s.score for s in both] == pytest.approx([s.score for s in alone], abs=1e-5)
+    assert all(s.rows.shape[1] == 2 * model.n_embd for s in both)
+    for a, b in zip(alone, at_layer(both, layers, head_layer)):
+        np.testing.assert_allclose(b.rows, a.rows, atol=1e-4)
+    other = at_layer(both, layers, 0)
+    assert any(len(s.rows) for s in other) and not np.allclose(other[0].rows, alone[0].rows)
+    # Whatever layer the engine's head reads, the rows come back in sorted layer order.
+    for a, b in zip(at_layer(order, layers, 0), other[:2]):
+        assert a.text == b.text
+        np.testing.assert_allclose(a.rows, b.rows, atol=1e-4)
+    with pytest.raises(EdgeMSError, match="was not tapped"):
+        at_layer(both, layers, 3)
+
+
+def test_choose_recipe_picks_what_ranks_validation_best():
+    """A layer whose features carry the label beats one of pure noise, whatever the loss."""
+    from edge_ms.sprm import Sample, TrainConfig, choose_recipe
+
+    rng = np.random.default_rng(0)
+    c = 8
+
+    def samples(problems: int) -> list[Sample]:
+        out = []
+        for p in range(problems):
+            for j in range(4):
+                right = bool((p + j) % 3 == 0)
+                signal = rng.normal(0.0, 1.0, (2, c)) + (1.5 if right else -1.5)
+                noise = rng.normal(0.0, 1.0, (2, c))
+                out.append(Sample(p, "x", "stop", right, str(int(right)), np.hstack([noise, signal]).astype(np.float32), 5))
+        return out
+
+    config = TrainConfig(n=4, epochs=8, lr=1e-3, losses=("bce", "bce+spr"))
+    seen = []
+    recipe, trials = choose_recipe(samples(40), samples(20), [3, 7], config, on_trial=seen.append)
+    assert recipe.layer == 7
+    assert len(trials) == 2 * 2 + 2 and seen == trials
+    by = {(t["layer"], t["loss"], t["problem_share"], t["samples"]): t["validation"]["auc"] for t in trials}
+    assert by[(7, "bce", 1.0, None)] > 0.9 > 0.7 > by[(3, "bce", 1.0, None)]

@@ -111,3 +111,29 @@ def test_overflow_is_reported_not_written_past_the_buffer(tiny):
             tap.rows()
     finally:
         llama_cpp.llama_free(ctx)
+
+
+def test_several_layers_in_one_pass_equal_each_layer_alone(tiny):
+    ids = [(5 * i + 2) % 400 for i in range(37)]
+    layers = (tiny.n_layer - 2, 0, 1)
+    tap = Tap(layers[0], tiny.n_embd, capacity_rows=64, extra_layers=layers[1:])
+    ctx = _ctx(tiny, tap, n_ctx=128, n_batch=64, n_ubatch=16, n_seq=1)  # three micro-batches per layer
+    try:
+        tap.reset()
+        _decode(ctx, [(t, i, 0) for i, t in enumerate(ids)])
+        rows = tap.rows().copy()
+        assert tap.n_calls == 3
+    finally:
+        llama_cpp.llama_free(ctx)
+    c = tiny.n_embd
+    assert rows.shape == (37, len(layers) * c)
+    for k, layer in enumerate(layers):
+        expected, _ = decode_and_tap(tiny.path, ids, layer)
+        assert _close(rows[:, k * c : (k + 1) * c], expected) < 1e-4, layer
+
+
+def test_bad_layer_sets_are_refused(tiny):
+    with pytest.raises(ValueError, match="each once"):
+        Tap(1, tiny.n_embd, capacity_rows=4, extra_layers=(1,))
+    with pytest.raises(ValueError, match="at most 8"):
+        Tap(0, tiny.n_embd, capacity_rows=4, extra_layers=tuple(range(1, 9)))
