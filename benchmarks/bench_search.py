@@ -56,7 +56,7 @@ from edge_ms.tasks import make_problems
 
 BEAM_WIDTHS = (1, 2)
 REPLAYED = tuple(itertools.product((2, 3), (0.25, 0.5, 1.0)))  # (min_agree, reach), all N at once
-IN_WAVES = ((2, 0.125), (2, 0.25), (2, 0.5))  # (min_agree, reach), N / 2 sequences
+IN_WAVES = ((2, 0.0), (2, 0.125), (2, 0.25), (2, 0.5))  # (min_agree, reach), N / 2 sequences
 
 
 @dataclass
@@ -208,7 +208,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--problems", type=int, default=200, help="held-out (test split) problems")
     ap.add_argument("--validation-problems", type=int, default=100, help="train-split problems to choose settings on")
     ap.add_argument("--n", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=1, help="sampling seed")
+    ap.add_argument("--problem-seed", type=int, default=None, help="which problems (default: --seed)")
+    ap.add_argument("--validation-skip", type=int, default=0,
+                    help="skip this many train-split problems (e.g. those the head was trained on)")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--tolerance", type=float, default=0.01, help="accuracy an early stop may give up")
@@ -229,12 +232,15 @@ def main() -> None:
     report: dict = {"command": " ".join(sys.argv), "n": args.n, "seed": args.seed, "temperature": args.temperature,
                     "max_new_tokens": args.max_new_tokens, "tolerance": args.tolerance,
                     "head": str(args.head or default_head_path())}
+    problem_seed = args.seed if args.problem_seed is None else args.problem_seed
+    report["problem_seed"] = problem_seed
     width, early = args.beam_width, None
     if args.early:
         how, min_agree, reach = args.early.split(",")
         early = early_name(int(min_agree), float(reach), how == "waves")
     if args.validation_problems and (width is None or early is None):
-        problems = make_problems("train", args.validation_problems, args.seed)
+        skip = args.validation_skip
+        problems = make_problems("train", skip + args.validation_problems, problem_seed)[skip:]
         beams = {f"beam width={w}": BeamSearch(width=w) for w in BEAM_WIDTHS}
         replayed = {early_name(*g, False): g for g in REPLAYED}
         rows = run_split(model, head, problems, args, beams, replayed, [early_name(*g, True) for g in IN_WAVES],
@@ -243,13 +249,13 @@ def main() -> None:
         chosen = choose(summary, args.tolerance)
         width = chosen[0] if width is None else width
         early = chosen[1] if early is None else early
-        report["validation"] = {"split": "train", "problems": len(problems), "strategies": summary,
+        report["validation"] = {"split": "train", "skipped": skip, "problems": len(problems), "strategies": summary,
                                 "chosen": {"beam_width": width, "early_stop": early}}
     if width is None or early is None:
         sys.exit("give --beam-width and --early, or --validation-problems > 0")
     beam = f"beam width={width}"
     replayed = {} if parse_early(early)[2] else {early: parse_early(early)[:2]}
-    problems = make_problems("test", args.problems, args.seed)
+    problems = make_problems("test", args.problems, problem_seed)
     t0 = time.time()
     rows = run_split(model, head, problems, args, {beam: BeamSearch(width=width)}, replayed, [early],
                      label="test split")

@@ -47,14 +47,24 @@ def test_train_sprm_cli_writes_head_log_and_plot(converted, tmp_path):
     out = tmp_path / "mine.sprm.onnx"
     cmd = [sys.executable, "-m", "edge_ms.cli", "train-sprm", "--model", str(model_dir / "tiny-qwen2-f32.gguf"),
            "--task", str(task), "-o", str(out), "--n", "3", "--max-new-tokens", "400", "--epochs", "3",
-           "--workers", "2", "--cache", str(tmp_path / "cache"), "--train-problems", "6", "--calib-problems", "2"]
+           "--workers", "2", "--cache", str(tmp_path / "cache"), "--train-problems", "6", "--calib-problems", "2",
+           "--layers", "1,2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     head = load_head(out)
     fixture_head = load_head(model_dir / "tiny-qwen2.sprm.onnx")
-    # A fresh head for a think model: ".\n\n" steps, the think markers, layer n_layer - 2, this backbone.
-    assert replace(head.spec, calibration=None) == fixture_head.spec
     log = json.loads(out.with_name("mine.train.json").read_text())
+    # A fresh head for a think model: ".\n\n" steps, the think markers, this backbone, and the
+    # layer the validation problems chose: 2 layers x 3 losses, then the winner on less data.
+    trials = log["selection"]["trials"]
+    assert len(trials) == 8 and sum(t["chosen"] for t in trials) == 1
+    chosen = next(t for t in trials if t["chosen"])
+    assert log["recipe"] == {k: chosen[k] for k in ("layer", "loss", "problem_share", "samples")}
+    def key(t):  # validation AUC (null where it has one class only), then best-of-N
+        return (t["validation"]["auc"] or 0.0, t["validation"]["sprm_best"])
+    assert chosen == max(trials, key=key)  # the first of equals
+    assert replace(head.spec, calibration=None) == replace(fixture_head.spec, layer=log["recipe"]["layer"])
+    assert log["tapped_layers"] == [1, 2] and f"recipe: layer {head.spec.layer}, loss {chosen['loss']}" in proc.stdout
     assert len(log["epochs"]) == 4 and log["train"]["problems"] == 6
     assert len(list((tmp_path / "cache").iterdir())) == 10  # 6 train, 2 validation, 2 held-out: kept for a rerun
     assert out.with_name("mine.train.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
