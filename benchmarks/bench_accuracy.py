@@ -40,7 +40,7 @@ from edge_ms.head import load_head, write_head
 from edge_ms.model import Model
 from edge_ms.search import PruneRule
 from edge_ms.select import best_of_n
-from edge_ms.sprm import best_indices, evaluate, request, rescore, sample
+from edge_ms.sprm import at_layer, best_indices, evaluate, request, rescore, sample, tapped_layers
 from edge_ms.tasks import make_problems
 from edge_ms.train import init_head
 
@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--head", default=None, help="head to evaluate (default: the shipped one)")
+    ap.add_argument("--tap-layers", default=None,
+                    help="sample with these layers tapped too, comma separated (one cache serves heads of any of them)")
     ap.add_argument("--cache", default=str(Path.home() / ".cache/edge_ms/bench/accuracy"), help="directory")
     ap.add_argument("--workers", type=int, default=1, help="problems sampled at once (one thread each)")
     ap.add_argument("--sample-only", action="store_true", help="phase 1 only")
@@ -112,7 +114,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         boot = Path(tmp) / "spec-only.sprm.onnx"
         write_head(boot, init_head(model.n_embd, 0), replace(head.spec, calibration=None))
-        engine = Engine(model, load_head(boot), keep_rows=True)
+        extra = tuple(int(x) for x in args.tap_layers.split(",")) if args.tap_layers else ()
+        engine = Engine(model, load_head(boot), keep_rows=True,
+                        extra_layers=tuple(k for k in extra if k != head.spec.layer))
+        layers = tapped_layers(engine)
         done = itertools.count(1)
         samples = sample(engine, problems, args.n, args.seed, args.max_new_tokens, args.temperature,
                          workers=args.workers, cache=args.cache,
@@ -124,6 +129,7 @@ def main() -> None:
         return
     sample_s = time.time() - t0
 
+    samples = at_layer(samples, layers, head.spec.layer)
     rescore(samples, head.score)
     report: dict = {"command": " ".join(sys.argv), "problems": len(problems), "sampled_n": args.n,
                     "seed": args.seed, "problem_seed": problem_seed, "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,

@@ -274,3 +274,19 @@ def test_choose_recipe_picks_what_ranks_validation_best():
     assert len(trials) == 2 * 2 + 2 and seen == trials
     by = {(t["layer"], t["loss"], t["problem_share"], t["samples"]): t["validation"]["auc"] for t in trials}
     assert by[(7, "bce", 1.0, None)] > 0.9 > 0.7 > by[(3, "bce", 1.0, None)]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--losses", "focal"], "error: --losses focal: choose from spr, bce, bce+spr"),
+    (["--layers", "2,x"], "error: --layers 2,x: expected whole numbers separated by commas, e.g. 15,22,28"),
+    (["--layers", "1,3"], "error: --layers 3: tiny-qwen2-f32.gguf has 4 layers (choose 0 to 2)"),
+])
+def test_train_sprm_refuses_bad_recipe_options_in_one_line(converted, tmp_path, flags, message):
+    model_dir = converted("tiny-qwen2", "f32")
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(10)))
+    cmd = [sys.executable, "-m", "edge_ms.cli", "train-sprm", "--model", str(model_dir / "tiny-qwen2-f32.gguf"),
+           "--task", str(task), "-o", str(tmp_path / "h.sprm.onnx"), "--n", "2", "--max-new-tokens", "8", *flags]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and proc.stderr.strip() == message
+    assert not (tmp_path / "h.sprm.onnx").exists()
