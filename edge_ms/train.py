@@ -263,8 +263,8 @@ def _to_standardised(w: HeadWeights, mu: np.ndarray, sd: np.ndarray) -> HeadWeig
 
 
 def _from_standardised(w: HeadWeights, mu: np.ndarray, sd: np.ndarray) -> HeadWeights:
-    w0 = w["0.weight"] / sd
-    return {**w, "0.weight": w0, "0.bias": w["0.bias"] - w0 @ mu}
+    w0 = w["0.weight"].astype(np.float64) / sd  # fold the standardisation in, in float64
+    return {**w, "0.weight": w0, "0.bias": w["0.bias"].astype(np.float64) - w0 @ mu}
 
 
 def _mean_scores(w: HeadWeights, s: _Split) -> tuple[float, float, float]:
@@ -276,16 +276,20 @@ def _mean_scores(w: HeadWeights, s: _Split) -> tuple[float, float, float]:
 
 def _start(features: np.ndarray, init_weights: HeadWeights | None, seed: int, out_scale: float,
            standardize: bool) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """The starting float64 parameters and the training features, in the space the head trains in."""
+    """The starting parameters and the training features, in the space the head trains in.
+
+    Float32 (the minibatch passes and Adam are memory-bound: half the bytes, half the time; a
+    recipe search trains a dozen heads on ~16k steps each); the standardisation stays float64.
+    """
     c = features.shape[1]
     if not standardize:
         params = init_head(c, seed, out_scale) if init_weights is None else init_weights
-        return {k: np.array(v, np.float64) for k, v in params.items()}, features.astype(np.float64), None, None
+        return {k: np.array(v, np.float32) for k, v in params.items()}, features.astype(np.float32), None, None
     mu, sd = _standardiser(features)
     # A fresh head starts in the standardised space (that is where its init scale means
     # something); a given head is moved there exactly.
     params = init_head(c, seed, out_scale) if init_weights is None else _to_standardised(init_weights, mu, sd)
-    return {k: np.array(v, np.float64) for k, v in params.items()}, (features - mu) / sd, mu, sd
+    return {k: np.array(v, np.float32) for k, v in params.items()}, ((features - mu) / sd).astype(np.float32), mu, sd
 
 
 class _Adam:
@@ -354,13 +358,8 @@ def train_head(
         )
 
     params, tr_x, mu, sd = _start(tr.features, init_weights, seed, out_scale, standardize)
-    # Float32 throughout (the minibatch passes and Adam are memory-bound: half the bytes, half
-    # the time): selecting a recipe trains a dozen heads on ~16k steps each.
-    tr_x = tr_x.astype(np.float32)
-    params = {k: v.astype(np.float32) for k, v in params.items()}
 
     def export(p: HeadWeights) -> HeadWeights:
-        p = {k: v.astype(np.float64) for k, v in p.items()}  # fold the standardisation in exactly
         out = _from_standardised(p, mu, sd) if standardize else p
         return {k: np.asarray(v, np.float32) for k, v in out.items()}
 
