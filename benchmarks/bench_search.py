@@ -56,7 +56,7 @@ from edge_ms.tasks import make_problems
 
 BEAM_WIDTHS = (1, 2)
 REPLAYED = tuple(itertools.product((2, 3), (0.25, 0.5, 1.0)))  # (min_agree, reach), all N at once
-IN_WAVES = ((2, 0.0), (2, 0.125), (2, 0.25), (2, 0.5))  # (min_agree, reach), N / 2 sequences
+IN_WAVES = ((2, 0.0), (3, 0.0), (2, 0.125), (2, 0.25), (2, 0.5))  # (min_agree, reach), N / 2 sequences
 
 
 @dataclass
