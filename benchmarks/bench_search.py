@@ -211,7 +211,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=1, help="sampling seed")
     ap.add_argument("--problem-seed", type=int, default=None, help="which problems (default: --seed)")
     ap.add_argument("--validation-skip", type=int, default=0,
-                    help="skip this many train-split problems (e.g. those the head was trained on)")
+                    help="skip this many train-split problems (those the head trained on: with the head's "
+                         "train-sprm seed as --problem-seed, and its --train-problems)")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--tolerance", type=float, default=0.01, help="accuracy an early stop may give up")

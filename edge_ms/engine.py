@@ -145,6 +145,10 @@ class Engine:
         # for a choice of layer comes from one pass of sampling. Scoring reads the head's alone.
         self.extra_layers = tuple(extra_layers)
         self.tap_enabled = tap_enabled and head is not None
+        # The last layer's output holds only the rows of tokens that ask for logits.
+        bad = [k for k in (layer, *self.extra_layers) if not 0 <= k < model.n_layer - 1]
+        if self.tap_enabled and bad:
+            raise EdgeMSError(f"{model.path.name}: cannot tap layer {bad[0]} (choose 0 to {model.n_layer - 2})")
         self.abort = AbortFlag()
         self._ctx = None
         self._mem = None

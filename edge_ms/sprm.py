@@ -323,11 +323,18 @@ class Recipe:
     samples: int | None = None  # trajectories per problem (the first ones); None: all
 
 
+def default_recipe(layers: Sequence[int], config: TrainConfig) -> Recipe:
+    """What trains when nothing can be chosen: the deepest candidate layer, warm-up then SPR."""
+    return Recipe(max(layers), "bce+spr" if "bce+spr" in config.losses else config.losses[0])
+
+
 def candidate_layers(model: Model, config: TrainConfig) -> list[int]:
     """The layers to tap while sampling: ``config.layer`` alone, or the candidates to choose among."""
-    if config.layer is not None:
-        return [config.layer]
     n = model.n_layer
+    if config.layer is not None:
+        if not 0 <= config.layer < n - 1:
+            raise EdgeMSError(f"--layer {config.layer}: {model.path.name} has {n} layers (choose 0 to {n - 2})")
+        return [config.layer]
     layers = sorted(set(config.candidate_layers or {min(k, n - 2) for k in (n // 2, 3 * n // 4, n - 2)}))
     bad = [layer for layer in layers if not 0 <= layer < n - 1]
     if bad:
@@ -366,19 +373,26 @@ def choose_recipe(train: Sequence[Sample], validation: Sequence[Sample], layers:
     trials = []
 
     def trial(recipe: Recipe) -> tuple:
-        weights, _ = train_recipe(train, layers, recipe, config, init_weights)
-        val = at_layer(validation, layers, recipe.layer)
-        rescore(val, lambda rows: step_scores(weights, rows))
-        figures = evaluate(val, config.n)
+        try:
+            weights, _ = train_recipe(train, layers, recipe, config, init_weights)
+        except EdgeMSError as err:  # e.g. half the problems hold no finished trajectory: skip, keep the rest
+            figures = {"error": str(err), "auc": float("nan"), "sprm_best": float("nan"),
+                       "sprm_weighted": float("nan")}
+        else:
+            val = at_layer(validation, layers, recipe.layer)
+            rescore(val, lambda rows: step_scores(weights, rows))
+            figures = evaluate(val, config.n)
         trials.append({**asdict(recipe), "validation": figures})
         if on_trial is not None:
             on_trial(trials[-1])
-        auc_ = figures["auc"] if figures["auc"] == figures["auc"] else 0.0
-        return auc_, figures["sprm_best"]
+        auc_ = figures["auc"] if figures["auc"] == figures["auc"] else -1.0
+        return auc_, figures["sprm_best"] if figures["sprm_best"] == figures["sprm_best"] else -1.0
 
     grid = {Recipe(layer, loss): None for layer in layers for loss in config.losses}
     for recipe in grid:
         grid[recipe] = trial(recipe)
+    if all(auc_ < 0 for auc_, _ in grid.values()):  # one class only on validation: nothing ranks
+        return default_recipe(layers, config), trials
     best = max(grid, key=grid.get)
     for variant in (replace(best, problem_share=0.5), replace(best, samples=max(1, config.n // 2))):
         grid[variant] = trial(variant)
@@ -444,6 +458,8 @@ def _sample_phases(model: Model, spec: HeadSpec, weights: dict, phases: dict[str
 def _start_head(model: Model, config: TrainConfig, init) -> tuple[HeadSpec, dict, list[int]]:
     """The spec and weights training starts from, and the layers to tap while sampling."""
     if init is not None:
+        if config.candidate_layers:
+            raise EdgeMSError("--layers: a head given with --init keeps its own layer; drop one of the two")
         start = load_head(init)
         check_backbone(start, model)
         # New weights, new calibration; a given head keeps its layer.
@@ -489,7 +505,7 @@ def train_sprm(
     if got["validation"] and len(layers) * len(config.losses) > 1:
         recipe, trials = _choose(got["train"], got["validation"], layers, config, on_trial, init_weights)
     else:
-        recipe = Recipe(spec.layer, "bce+spr" if "bce+spr" in config.losses else config.losses[0])
+        recipe = default_recipe(layers, config)
     spec = replace(spec, layer=recipe.layer)
     tr, ho, va = (at_layer(got[k], layers, recipe.layer) for k in ("train", "held-out", "validation"))
     # The held-out curve is optional: a tiny held-out set may have no finished trajectory.

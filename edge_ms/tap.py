@@ -78,7 +78,10 @@ def native_lib() -> ctypes.CDLL:
     global _lib
     if _lib is None:
         _load_ggml_base()
-        lib = ctypes.CDLL(str(_find_lib()))
+        path = _find_lib()
+        lib = ctypes.CDLL(str(path))
+        if not hasattr(lib, "edge_ms_tap_init_layers"):
+            raise EdgeMSError(f"{path}: native tap library from an older edge_ms; reinstall edge_ms (pip install .)")
         lib.edge_ms_tap_init.argtypes = [
             ctypes.POINTER(_TapStruct),
             ctypes.c_int32,
@@ -157,7 +160,8 @@ class Tap:
         if not status and len(counts) > 1:  # a layer the graph does not have, or skipped
             raise EdgeMSError(f"tap of layers {self.layers}: rows per layer differ ({sorted(counts)})")
         if status:
-            raise EdgeMSError(f"l_out-{self.layer}: tap failed: {_STATUS.get(status, status)}")
+            names = ", ".join(f"l_out-{k}" for k in self.layers)
+            raise EdgeMSError(f"{names}: tap failed: {_STATUS.get(status, status)}")
         return self.buffer[: self._struct.n_rows]
 
 

@@ -57,12 +57,18 @@ def test_train_sprm_cli_writes_head_log_and_plot(converted, tmp_path):
     # A fresh head for a think model: ".\n\n" steps, the think markers, this backbone, and the
     # layer the validation problems chose: 2 layers x 3 losses, then the winner on less data.
     trials = log["selection"]["trials"]
-    assert len(trials) == 8 and sum(t["chosen"] for t in trials) == 1
-    chosen = next(t for t in trials if t["chosen"])
-    assert log["recipe"] == {k: chosen[k] for k in ("layer", "loss", "problem_share", "samples")}
+
     def key(t):  # validation AUC (null where it has one class only), then best-of-N
-        return (t["validation"]["auc"] or 0.0, t["validation"]["sprm_best"])
-    assert chosen == max(trials, key=key)  # the first of equals
+        return (t["validation"]["auc"] or -1.0, t["validation"]["sprm_best"])
+    if all(t["validation"]["auc"] is None for t in trials):  # nothing ranks: the default recipe
+        assert len(trials) == 6 and [t["loss"] for t in trials if t["chosen"]] == ["bce+spr"]
+        assert log["recipe"] == {"layer": 2, "loss": "bce+spr", "problem_share": 1.0, "samples": None}
+        chosen = {"loss": "bce+spr"}
+    else:
+        assert len(trials) == 8 and sum(t["chosen"] for t in trials) == 1
+        chosen = next(t for t in trials if t["chosen"])
+        assert log["recipe"] == {k: chosen[k] for k in ("layer", "loss", "problem_share", "samples")}
+        assert chosen == max(trials, key=key)  # the first of equals
     assert replace(head.spec, calibration=None) == replace(fixture_head.spec, layer=log["recipe"]["layer"])
     assert log["tapped_layers"] == [1, 2] and f"recipe: layer {head.spec.layer}, loss {chosen['loss']}" in proc.stdout
     assert len(log["epochs"]) == 4 and log["train"]["problems"] == 6
@@ -290,3 +296,30 @@ def test_train_sprm_refuses_bad_recipe_options_in_one_line(converted, tmp_path, 
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1 and proc.stderr.strip() == message
     assert not (tmp_path / "h.sprm.onnx").exists()
+
+
+def test_choose_recipe_falls_back_to_the_default_when_validation_cannot_rank():
+    """Every validation answer wrong: no AUC, no best-of-N difference; the default recipe, not the first tried."""
+    from edge_ms.sprm import Sample, TrainConfig, choose_recipe
+
+    rng = np.random.default_rng(1)
+
+    def samples(problems: int, right) -> list[Sample]:
+        return [Sample(p, "x", "stop", right(p, j), "1", rng.normal(0.0, 1.0, (2, 8)).astype(np.float32), 5)
+                for p in range(problems) for j in range(2)]
+
+    config = TrainConfig(n=2, epochs=2, losses=("spr", "bce", "bce+spr"))
+    recipe, trials = choose_recipe(samples(10, lambda p, j: j == 0), samples(5, lambda p, j: False), [3, 7], config)
+    assert (recipe.layer, recipe.loss) == (7, "bce+spr") and len(trials) == 6
+
+
+def test_engine_refuses_to_tap_the_last_layer(converted):
+    from edge_ms.engine import Engine
+
+    engine = _engine(converted)
+    try:
+        with pytest.raises(EdgeMSError, match="cannot tap layer 3 \\(choose 0 to 2\\)"):
+            Engine(engine.model, engine.head, extra_layers=(engine.model.n_layer - 1,))
+    finally:
+        engine.close()
+        engine.model.close()
