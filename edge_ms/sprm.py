@@ -332,13 +332,13 @@ def candidate_layers(model: Model, config: TrainConfig) -> list[int]:
     """The layers to tap while sampling: ``config.layer`` alone, or the candidates to choose among."""
     n = model.n_layer
     if config.layer is not None:
-        if not 0 <= config.layer < n - 1:
-            raise EdgeMSError(f"--layer {config.layer}: {model.path.name} has {n} layers (choose 0 to {n - 2})")
-        return [config.layer]
-    layers = sorted(set(config.candidate_layers or {min(k, n - 2) for k in (n // 2, 3 * n // 4, n - 2)}))
+        option, layers = "--layer", [config.layer]
+    else:
+        option = "--layers"
+        layers = sorted(set(config.candidate_layers or {min(k, n - 2) for k in (n // 2, 3 * n // 4, n - 2)}))
     bad = [layer for layer in layers if not 0 <= layer < n - 1]
     if bad:
-        raise EdgeMSError(f"--layers {','.join(map(str, bad))}: {model.path.name} has {n} layers (choose 0 to {n - 2})")
+        raise EdgeMSError(f"{option} {','.join(map(str, bad))}: {model.path.name} has {n} layers (choose 0 to {n - 2})")
     if len(layers) > MAX_LAYERS:
         raise EdgeMSError(f"--layers: at most {MAX_LAYERS} candidate layers, got {len(layers)}")
     return layers
